@@ -1,0 +1,292 @@
+"""The agent: dials out to the relay (reconnecting with backoff), asks for its public ports, and
+connects each stream the relay opens to the one target exposed on that port, and nothing else."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from . import defaults
+from .protocol import ErrorCode, Role, StreamOpened
+from .tunnel import Stream, Tunnel, TunnelSettings
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    token: str = field(repr=False)
+    expose: dict[int, Target]  # public port -> inside target
+    connect_timeout: float = 10.0
+    reconnect_initial: float = defaults.RECONNECT_INITIAL
+    reconnect_max: float = defaults.RECONNECT_MAX
+    reconnect_factor: float = defaults.RECONNECT_FACTOR
+    listen_retry_initial: float = defaults.LISTEN_RETRY_INITIAL
+    listen_retry_max: float = defaults.LISTEN_RETRY_MAX
+    tunnel: TunnelSettings = field(default_factory=TunnelSettings)
+
+
+def backoff(attempt: int, initial: float, maximum: float, factor: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: somewhere in the upper half of the capped delay, so a
+    fleet of agents cut off together does not come back in one wave."""
+    ceiling = min(maximum, initial * factor**attempt)
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+class TargetStream(Stream):
+    """The inside connection of one stream; created before the connect so early data can wait here."""
+
+    def __init__(self, tunnel: AgentTunnel, stream_id: int, target: Target) -> None:
+        super().__init__(tunnel, stream_id)
+        self.target = target
+        self.connecting = None
+
+
+class AgentTunnel(Tunnel):
+    role = Role.AGENT
+    log = Logger()
+
+    def __init__(self, agent: AgentService) -> None:
+        super().__init__(agent.reactor, agent.settings.tunnel)
+        self.agent = agent
+        self.welcomed = False
+        self._retry_timers: dict[int, object] = {}
+        self._retry_attempts: dict[int, int] = {}
+        self.lost = defer.Deferred()
+
+    def tunnel_ready(self) -> None:
+        ports = sorted(self.agent.settings.expose)
+        self.session.send_control({"type": "hello", "version": 1, "token": self.agent.settings.token, "ports": ports})
+
+    def control_received(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "welcome":
+            self.welcomed = True
+            self.log.info("tunnel to the relay is up (agent {agent})", agent=message.get("agent"))
+            self.agent.tunnel_up(self)
+        elif kind == "listen_ok":
+            port = message.get("port")
+            self._retry_attempts.pop(port, None)
+            target = self.agent.settings.expose.get(port)
+            self.log.info("relay listens on public port {port} for {target}", port=port, target=str(target))
+        elif kind == "listen_fail":
+            self._listen_failed(message.get("port"), str(message.get("reason", "")))
+        else:
+            self.log.info("ignoring control message {kind!r} from the relay", kind=kind)
+
+    def _listen_failed(self, port, reason: str) -> None:
+        if port not in self.agent.settings.expose:
+            return
+        attempt = self._retry_attempts.get(port, 0)
+        self._retry_attempts[port] = attempt + 1
+        s = self.agent.settings
+        delay = backoff(attempt, s.listen_retry_initial, s.listen_retry_max, 2.0, self.agent.rng)
+        self.log.warn(
+            "relay refused public port {port}: {reason}; asking again in {delay:.0f} s",
+            port=port,
+            reason=reason,
+            delay=delay,
+        )
+        self._retry_timers[port] = self.reactor.callLater(delay, self._ask_again, port)
+
+    def _ask_again(self, port: int) -> None:
+        self._retry_timers.pop(port, None)
+        if self.connected_tunnel:
+            self.session.send_control({"type": "listen", "ports": [port]})
+            self.flush()
+
+    def stream_opened(self, event: StreamOpened) -> None:
+        target = self.agent.settings.expose.get(event.port)
+        if target is None:
+            # Port translation, not address forwarding: the relay names a port, we alone
+            # decide where it goes, and an unknown port goes nowhere.
+            self.log.warn("relay asked for port {port}, which this agent does not expose; refused", port=event.port)
+            self.session.reset_stream(event.stream_id, ErrorCode.NOT_ALLOWED)
+            return
+        stream = TargetStream(self, event.stream_id, target)
+        self.streams[event.stream_id] = stream
+        endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=self.agent.settings.connect_timeout)
+        stream.connecting = endpoint.connect(_Once(stream))
+        stream.connecting.addCallbacks(self._connected, self._connect_failed, errbackArgs=(stream, event))
+
+    def _connected(self, stream: TargetStream) -> None:
+        stream.connecting = None
+        if self.session.has_stream(stream.stream_id) and self.streams.get(stream.stream_id) is stream:
+            self.session.accept_stream(stream.stream_id)
+            self.flush()
+
+    def _connect_failed(self, failure, stream: TargetStream, event: StreamOpened) -> None:
+        stream.connecting = None
+        if failure.check(defer.CancelledError):
+            return
+        self.log.warn(
+            "cannot reach {target} for a client {client} of port {port}: {why}",
+            target=str(stream.target),
+            client=event.client_host,
+            port=event.port,
+            why=failure.getErrorMessage(),
+        )
+        if self.streams.pop(stream.stream_id, None) is stream:
+            self.session.reset_stream(stream.stream_id, ErrorCode.CONNECT_FAILED)
+            self.flush()
+
+    def stream_was_reset(self, stream: Stream, code: int, by_peer: bool) -> None:
+        connecting = getattr(stream, "connecting", None)
+        if connecting is not None:
+            connecting.cancel()
+
+    def go_away_received(self, code: int, reason: str) -> None:
+        self.agent.go_away_received(code, reason)
+
+    def connectionLost(self, reason=None) -> None:
+        for stream in list(self.streams.values()):
+            self.stream_was_reset(stream, ErrorCode.NORMAL, False)
+        for timer in self._retry_timers.values():
+            if timer.active():
+                timer.cancel()
+        super().connectionLost(reason)
+        self.lost.callback(reason)
+
+
+class _Once(Factory):
+    """Hands the endpoint the one TargetStream it connects."""
+
+    noisy = False
+
+    def __init__(self, stream: TargetStream) -> None:
+        self.stream = stream
+
+    def buildProtocol(self, addr):
+        return self.stream
+
+
+class AgentService(service.Service):
+    """Keeps one tunnel to the relay up: connect, and on any loss reconnect with backoff."""
+
+    log = Logger()
+
+    def __init__(self, reactor, endpoint, settings: AgentSettings, relay_name: str, rng: random.Random | None = None) -> None:
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.settings = settings
+        self.relay_name = relay_name
+        self.rng = rng or random.Random()
+        self.tunnel: AgentTunnel | None = None
+        self.attempt = 0
+        self._connecting = None
+        self._retry = None
+        self._next_delay: float | None = None
+        self.connected_count = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._connect()
+
+    def _connect(self) -> None:
+        self._retry = None
+        self.log.info("connecting to the relay {relay}", relay=self.relay_name)
+        factory = Factory.forProtocol(lambda: AgentTunnel(self))
+        factory.noisy = False
+        self._connecting = self.endpoint.connect(factory)
+        self._connecting.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, tunnel: AgentTunnel) -> None:
+        self._connecting = None
+        self.tunnel = tunnel
+        tunnel.lost.addCallback(self._lost, tunnel)
+
+    def _failed(self, failure) -> None:
+        self._connecting = None
+        if failure.check(defer.CancelledError):
+            return
+        self.log.warn("cannot connect to the relay {relay}: {why}", relay=self.relay_name, why=describe_failure(failure))
+        self._schedule()
+
+    def tunnel_up(self, tunnel: AgentTunnel) -> None:
+        self.attempt = 0
+        self._next_delay = None
+        self.connected_count += 1
+
+    def go_away_received(self, code: int, reason: str) -> None:
+        if code == ErrorCode.AUTH_FAILED:
+            self.log.error("the relay rejected this agent's token: {reason}", reason=reason)
+        elif code == ErrorCode.REPLACED:
+            # Another process with our credential took over; coming straight back would
+            # make the two fight over the tunnel, so wait the longest delay.
+            self.log.warn("the relay says: {reason}; is a second agent running with this token?", reason=reason)
+            self._next_delay = self.settings.reconnect_max
+        else:
+            self.log.info("the relay is going away: {reason}", reason=reason or ErrorCode.name_of(code))
+
+    def _lost(self, reason, tunnel: AgentTunnel) -> None:
+        if self.tunnel is tunnel:
+            self.tunnel = None
+        if tunnel.welcomed:
+            why = reason.getErrorMessage() if reason is not None else "closed"
+            self.log.warn("tunnel to the relay lost: {why}", why=why)
+        else:
+            self.log.warn("the relay closed the tunnel before accepting it: {why}", why=describe_failure(reason))
+        if self.running:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self.running:
+            return
+        s = self.settings
+        delay = self._next_delay
+        if delay is None:
+            delay = backoff(self.attempt, s.reconnect_initial, s.reconnect_max, s.reconnect_factor, self.rng)
+        self._next_delay = None
+        self.attempt += 1
+        self.log.info("reconnecting in {delay:.1f} s", delay=delay)
+        self._retry = self.reactor.callLater(delay, self._connect)
+
+    def stopService(self):
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        tunnel = self.tunnel
+        if tunnel is None or not tunnel.connected_tunnel:
+            return None
+        done = defer.Deferred()
+        tunnel.lost.addBoth(lambda _: done.callback(None))
+        tunnel.close(ErrorCode.NORMAL, "the agent is shutting down")
+        return done
+
+
+def describe_failure(failure) -> str:
+    """A log line for why a connection attempt failed, naming TLS verification problems plainly."""
+    if failure is None:
+        return "closed"
+    from OpenSSL.SSL import Error as SSLError
+
+    if failure.check(SSLError):
+        text = str(failure.value)
+        if "certificate verify failed" in text:
+            return "the relay's certificate is not trusted (wrong --ca or --pin?): " + text
+        return "TLS failed: " + text
+    try:
+        from service_identity import VerificationError
+
+        if failure.check(VerificationError):
+            return f"the relay's certificate does not match its name: {failure.value}"
+    except ImportError:  # pragma: no cover - service_identity is a hard dependency
+        pass
+    if failure.check(error.ConnectionDone):
+        return "the relay closed the connection"
+    return failure.getErrorMessage()

@@ -1,0 +1,148 @@
+"""`twistd relay-agent`: options, trust, the way out (direct or via a proxy), and the agent service."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import defaults
+from .agent import AgentService, AgentSettings, Target
+from .config import ConfigError, Option, merge, split_host_port
+from .proxy import ProxyClientEndpoint, parse_proxy_url, proxy_from_environment
+from .tls import (
+    PinnedClientOptions,
+    TLSConfigError,
+    client_options_for_ca,
+    client_options_for_system_trust,
+    parse_pin,
+)
+from .tunnel import TunnelSettings
+
+log = Logger()
+
+OPTIONS = {
+    o.name: o
+    for o in [
+        Option("relay", str, "HOST:PORT of the relay ([v6]:PORT)"),
+        Option("token", str, "agent token (visible to local users in argv: prefer --token-file or $RELAY_TOKEN)"),
+        Option("token-file", str, "file holding the agent token"),
+        Option("ca", str, "trust this CA certificate and check the relay's hostname"),
+        Option("pin", str, "accept the relay whose certificate or CA has this sha256:HEX"),
+        Option("proxy", str, "socks5://, socks4a://, socks4:// or http:// proxy to reach the relay"),
+        Option("no-proxy", bool, "ignore ALL_PROXY / HTTPS_PROXY in the environment", False),
+        Option("expose", list, "PUBLIC=HOST:PORT: relay port PUBLIC goes to HOST:PORT (repeatable)", []),
+        Option("config", str, "TOML file whose keys are these long options"),
+        Option("heartbeat-interval", float, "seconds between PINGs", defaults.HEARTBEAT_INTERVAL),
+        Option("dead-after", int, "heartbeat intervals of silence before the tunnel is dead", defaults.HEARTBEAT_DEAD_AFTER),
+        Option("reconnect-max", float, "longest wait between reconnection attempts, seconds", defaults.RECONNECT_MAX),
+        Option("connect-timeout", float, "seconds to reach the relay or a target", 10.0),
+    ]
+}
+
+
+class Options(usage.Options):
+    synopsis = "--relay HOST:PORT (--token-file F | $RELAY_TOKEN | --token T) --expose PUBLIC=HOST:PORT [options]"
+    longdesc = "Inside agent: dials out to a relay over one TLS connection and serves the ports it exposes."
+    optFlags = [["no-proxy", None, OPTIONS["no-proxy"].help]]
+    optParameters = [
+        [o.name, None, None, f"{o.help}" + (f" (default: {o.default!r})" if o.default not in (None, []) else "")]
+        for o in OPTIONS.values()
+        if o.kind is not bool and o.name != "expose"
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["expose"] = []
+
+    def opt_expose(self, value: str) -> None:
+        """PUBLIC=HOST:PORT: relay port PUBLIC goes to HOST:PORT on this side (repeatable)."""
+        self["expose"].append(value)
+
+    def postOptions(self) -> None:
+        try:
+            self.update(merge(self, OPTIONS))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if not self["relay"]:
+            raise usage.UsageError("--relay HOST:PORT is required (the relay's address, e.g. relay.example.com:7835)")
+        if not self["expose"]:
+            raise usage.UsageError("give at least one --expose PUBLIC=HOST:PORT, e.g. --expose 8080=127.0.0.1:80")
+        if self["ca"] and self["pin"]:
+            raise usage.UsageError("give --ca or --pin, not both")
+        try:
+            self["relay-address"] = split_host_port(self["relay"], "--relay")
+            self["targets"] = parse_exposes(self["expose"])
+            if self["pin"]:
+                parse_pin(self["pin"])
+            self["proxy-url"] = parse_proxy_url(self["proxy"]) if self["proxy"] else None
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["token-value"] = read_token(self["token"], self["token-file"], os.environ)
+
+
+def parse_exposes(specs: list[str]) -> dict[int, Target]:
+    targets: dict[int, Target] = {}
+    for spec in specs:
+        public, sep, target = spec.partition("=")
+        if not sep or not public.isdigit() or not 1 <= int(public) <= 65535:
+            raise ValueError(f"--expose {spec!r} must be PUBLIC=HOST:PORT with PUBLIC a port number")
+        if int(public) in targets:
+            raise ValueError(f"--expose: public port {public} is given twice")
+        host, port = split_host_port(target, f"--expose {public}=")
+        targets[int(public)] = Target(host, port)
+    return targets
+
+
+def read_token(token: str | None, token_file: str | None, env) -> str:
+    if token_file:
+        path = Path(token_file)
+        try:
+            value = path.read_text().strip()
+        except OSError as e:
+            raise usage.UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+        if path.stat().st_mode & 0o077:
+            log.warn("token file {file} is readable by other users; chmod 600 it", file=token_file)
+    elif token:
+        value = token
+        log.warn("the token was given on the command line, where other local users can see it; prefer --token-file")
+    else:
+        value = env.get("RELAY_TOKEN", "")
+    if not value:
+        raise usage.UsageError("no token: give --token-file FILE, set $RELAY_TOKEN, or --token")
+    return value
+
+
+def makeService(config: Options):  # noqa: N802 (twistd's name)
+    from twisted.internet import reactor
+
+    host, port = config["relay-address"]
+    try:
+        if config["pin"]:
+            creator = PinnedClientOptions(host, config["pin"])
+        elif config["ca"]:
+            creator = client_options_for_ca(host, Path(config["ca"]))
+        else:
+            creator = client_options_for_system_trust(host)
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    proxy = config["proxy-url"]
+    if proxy is None and not config["no-proxy"]:
+        proxy = proxy_from_environment(host, port)
+    timeout = config["connect-timeout"]
+    if proxy is not None:
+        log.info("reaching the relay through the proxy {proxy}", proxy=str(proxy))
+        inner = ProxyClientEndpoint(reactor, proxy, host, port, timeout=timeout)
+    else:
+        inner = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    settings = AgentSettings(
+        token=config["token-value"],
+        expose=config["targets"],
+        connect_timeout=timeout,
+        reconnect_max=config["reconnect-max"],
+        tunnel=TunnelSettings(heartbeat_interval=config["heartbeat-interval"], dead_after=config["dead-after"]),
+    )
+    return AgentService(reactor, wrapClientTLS(creator, inner), settings, relay_name=config["relay"])

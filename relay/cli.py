@@ -1,0 +1,155 @@
+"""The `relay` console script: `relay init` and `relay agent-token` manage the state dir.
+
+Exit codes: 0 success, 2 usage error, 1 runtime error; every error is one stderr
+line, "relay ...: error: ...", that says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from relay import defaults
+from relay.state import (
+    PortSet,
+    State,
+    StateError,
+    init_state,
+    validate_agent_name,
+    validate_hostname,
+)
+
+_LOW, _HIGH = defaults.AGENT_PORT_RANGE
+_ANY_PORT = f"any port {_LOW}-{_HIGH} but the relay's own"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, as the SPEC promises (no usage block before)."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def _checked(validate: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type that turns VALIDATE's ValueError into a usage error."""
+
+    def convert(text: str) -> object:
+        try:
+            return validate(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog="relay",
+        description="Manage a relay's state dir: its CA, server certificate and agent tokens.",
+        epilog="Run the relay itself with `twistd -n relay-server`.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    state_help = f"state dir (default: {defaults.STATE_DIR})"
+
+    init = commands.add_parser(
+        "init",
+        help="create or update the state dir (CA and server certificate)",
+        description="Create DIR (mode 0700) with a CA and a server certificate signed by it. "
+        "Idempotent: the CA is kept; other --hostname values re-issue the server "
+        "certificate under the same CA (without --hostname an existing one is kept). "
+        "Prints the CA pin.",
+    )
+    init.add_argument("--state", metavar="DIR", default=defaults.STATE_DIR, help=state_help)
+    init.add_argument(
+        "--hostname",
+        metavar="NAME",
+        action="append",
+        type=_checked(validate_hostname),
+        help="DNS name or IP address agents use to reach the relay; repeat for more "
+        "(default for a new certificate: localhost, 127.0.0.1, ::1 and this machine's FQDN)",
+    )
+    init.set_defaults(run=_init)
+
+    token = commands.add_parser(
+        "agent-token",
+        help="create or rotate an agent's token",
+        description="Create agent NAME, or give it a new token (the old one stops working), "
+        "and print the token alone on stdout. Only a hash is stored: save it now.",
+    )
+    token.add_argument("--state", metavar="DIR", default=defaults.STATE_DIR, help=state_help)
+    token.add_argument(
+        "--ports",
+        metavar="SPEC",
+        type=_checked(PortSet.parse),
+        help="ports and ranges this agent may have the relay listen on, e.g. 8080,2000-2007 "
+        f"(default: {_ANY_PORT})",
+    )
+    token.add_argument(
+        "name", metavar="NAME", type=_checked(validate_agent_name), help="the agent's name"
+    )
+    token.set_defaults(run=_agent_token)
+    return parser
+
+
+def _init(args: argparse.Namespace) -> None:
+    pin = init_state(args.state, args.hostname)
+    state = State(args.state)
+    print(f"CA pin: {pin}")
+    print(f"State dir: {state.path.resolve()}")
+    print(
+        f"Server certificate: {state.server_cert_path} (names: {', '.join(state.server_hostnames())})"
+    )
+    print(
+        f"Agents trust this relay with --ca {state.ca_cert_path} (copy the file to the "
+        f"inside host) or --pin {pin}"
+    )
+    print(f"Next: relay agent-token --state {shlex.quote(args.state)} NAME")
+
+
+def _agent_token(args: argparse.Namespace) -> None:
+    state = State(args.state)
+    rotated = args.name in state.agents()
+    token = state.issue_token(args.name, args.ports)
+    print(token)
+    ports = args.ports or _ANY_PORT
+    what = "rotated (the old token no longer works)" if rotated else "created"
+    # stderr, so that `relay agent-token NAME > FILE` captures the token alone.
+    print(
+        f"relay agent-token: agent {args.name!r} {what}, ports: {ports}. The token is shown "
+        "only once: save it to a file (mode 0600) and start the agent with --token-file FILE.",
+        file=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `relay` with ARGV (default sys.argv[1:]); return the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        args.run(args)
+    except StateError as exc:
+        return _fail(args.command, str(exc))
+    except OSError as exc:
+        where = exc.filename or args.state
+        return _fail(
+            args.command,
+            f"cannot use {where}: {exc.strerror or exc}; check the path and its permissions",
+        )
+    return 0
+
+
+def _fail(command: str, message: str) -> int:
+    message = " ".join(message.split())  # the SPEC promises one line
+    print(f"relay {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The relay: authenticates agent tunnels, listens on public ports on their behalf, and turns
+every public connection into a stream on the tunnel of the agent that owns the port."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from . import defaults
+from .protocol import ErrorCode, Role, StreamLimitError
+from .state import Agent, State
+from .tunnel import Stream, Tunnel, TunnelSettings
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    tunnel_port: int | None = defaults.TUNNEL_PORT  # never handed out as a public port
+    public_interface: str = ""
+    handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
+    max_unauthenticated: int = defaults.MAX_UNAUTHENTICATED
+    max_agents: int = defaults.MAX_AGENTS
+    max_ports_per_agent: int = defaults.MAX_PORTS_PER_AGENT
+    drain_timeout: float = defaults.DRAIN_TIMEOUT
+    tunnel: TunnelSettings = field(default_factory=TunnelSettings)
+
+
+class PublicStream(Stream):
+    """A client of a public port; its stream is opened as soon as it connects."""
+
+    def __init__(self, tunnel: RelayTunnel, port: int) -> None:
+        super().__init__(tunnel, 0)
+        self.public_port = port
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = peer.host.removeprefix("::ffff:")
+        try:
+            self.stream_id = self.tunnel.session.open_stream(self.public_port, host, peer.port)
+        except StreamLimitError as e:
+            self.tunnel.log.warn(
+                "agent {agent}: refusing a client of port {port}: {why}",
+                agent=self.tunnel.agent_name,
+                port=self.public_port,
+                why=str(e),
+            )
+            self.closing = True
+            self.transport.abortConnection()
+            return
+        self.tunnel.streams[self.stream_id] = self
+        self.tunnel.flush()
+        super().connectionMade()
+
+
+class PublicFactory(Factory):
+    """Builds streams for one public port; the port's owner can change (takeover) without a re-listen."""
+
+    noisy = False  # our own log lines say when a port opens and closes
+
+    def __init__(self, port: int, tunnel: RelayTunnel) -> None:
+        self.port = port
+        self.tunnel = tunnel
+        self.listening = None
+
+    def buildProtocol(self, addr):
+        tunnel = self.tunnel
+        if tunnel is None or not tunnel.connected_tunnel or tunnel.session.going_away:
+            return None  # Twisted closes the connection at once
+        return PublicStream(tunnel, self.port)
+
+
+class RelayTunnel(Tunnel):
+    role = Role.RELAY
+    log = Logger()
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay.reactor, relay.settings.tunnel)
+        self.relay = relay
+        self.agent: Agent | None = None
+        self._handshake_timer = None
+        self._counted = False
+
+    @property
+    def agent_name(self) -> str:
+        return self.agent.name if self.agent else "?"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.relay.unauthenticated >= self.relay.settings.max_unauthenticated:
+            self.log.warn(
+                "tunnel {peer}: refused, {n} connections are already handshaking",
+                peer=self.peer,
+                n=self.relay.unauthenticated,
+            )
+            self.transport.abortConnection()
+            return
+        self.relay.unauthenticated += 1
+        self._counted = True
+        self._handshake_timer = self.reactor.callLater(self.relay.settings.handshake_timeout, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._handshake_timer = None
+        self.log.warn(
+            "tunnel {peer}: no TLS handshake and hello within {t:.0f} s; closing",
+            peer=self.peer,
+            t=self.relay.settings.handshake_timeout,
+        )
+        self.transport.abortConnection()
+
+    def _authenticated(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self._counted:
+            self._counted = False
+            self.relay.unauthenticated -= 1
+
+    def connectionLost(self, reason=None) -> None:
+        self._authenticated()  # stop the timer and the count either way
+        super().connectionLost(reason)
+        if self.agent is not None:
+            self.relay.detach(self)
+        elif reason is not None and not reason.check(error.ConnectionDone, error.ConnectionLost):
+            self.log.info("tunnel {peer}: closed before authenticating: {why}", peer=self.peer, why=reason.getErrorMessage())
+
+    def control_received(self, message: dict) -> None:
+        kind = message.get("type")
+        if self.agent is None:
+            if kind != "hello":
+                self.close(ErrorCode.PROTOCOL_ERROR, "the first message must be hello")
+                return
+            self._hello(message)
+        elif kind == "listen":
+            self._listen(message.get("ports"))
+        else:
+            self.log.info("agent {agent}: ignoring control message {kind!r}", agent=self.agent_name, kind=kind)
+
+    def _hello(self, message: dict) -> None:
+        token = message.get("token")
+        agent = self.relay.state.authenticate(token) if isinstance(token, str) else None
+        if agent is None:
+            self.log.warn("tunnel {peer}: authentication failed (bad or unknown token)", peer=self.peer)
+            self.close(ErrorCode.AUTH_FAILED, "authentication failed: the token is not valid on this relay")
+            return
+        if message.get("version") != 1:
+            self.close(ErrorCode.PROTOCOL_ERROR, f"unsupported hello version {message.get('version')!r}")
+            return
+        if not self.relay.attach(self, agent):
+            return
+        self.agent = agent
+        self._authenticated()
+        self.log.info("agent {agent} connected from {peer}", agent=agent.name, peer=self.peer)
+        self.session.send_control({"type": "welcome", "agent": agent.name})
+        self._listen(message.get("ports"))
+
+    def _listen(self, ports) -> None:
+        if not isinstance(ports, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
+            self.close(ErrorCode.PROTOCOL_ERROR, "ports must be a list of integers")
+            return
+        if len(ports) > self.relay.settings.max_ports_per_agent:
+            ports = ports[: self.relay.settings.max_ports_per_agent]
+        for port in ports:
+            why = self.relay.listen(self, port)
+            if why is None:
+                self.session.send_control({"type": "listen_ok", "port": port})
+            else:
+                self.log.warn("agent {agent}: port {port} refused: {why}", agent=self.agent_name, port=port, why=why)
+                self.session.send_control({"type": "listen_fail", "port": port, "reason": why})
+
+    def stream_opened(self, event) -> None:  # pragma: no cover - the session forbids it
+        raise AssertionError("agents cannot open streams")
+
+    def stream_was_reset(self, stream: Stream, code: int, by_peer: bool) -> None:
+        if by_peer and code not in (ErrorCode.RESET_BY_PEER, ErrorCode.NORMAL):
+            self.log.info(
+                "agent {agent}: stream for port {port} refused: {code}",
+                agent=self.agent_name,
+                port=getattr(stream, "public_port", "?"),
+                code=ErrorCode.name_of(code),
+            )
+
+    def go_away_received(self, code: int, reason: str) -> None:
+        self.log.info("agent {agent} is going away: {reason}", agent=self.agent_name, reason=reason or ErrorCode.name_of(code))
+        self.relay.release_ports(self)
+
+
+class Relay(service.Service):
+    """The registry: which agent has which tunnel, and which tunnel owns which public port."""
+
+    log = Logger()
+
+    def __init__(self, reactor, state: State, settings: RelaySettings) -> None:
+        self.reactor = reactor
+        self.state = state
+        self.settings = settings
+        self.tunnels: dict[str, RelayTunnel] = {}
+        self.public: dict[int, PublicFactory] = {}
+        self.unauthenticated = 0
+        self.accepting = True
+
+    def tunnel_factory(self) -> Factory:
+        factory = Factory.forProtocol(lambda: RelayTunnel(self))
+        factory.noisy = False
+        return factory
+
+    # agents
+
+    def attach(self, tunnel: RelayTunnel, agent: Agent) -> bool:
+        """Register an authenticated tunnel; a newer tunnel of the same agent takes over at once."""
+        if not self.accepting:
+            tunnel.close(ErrorCode.SHUTDOWN, "the relay is shutting down")
+            return False
+        old = self.tunnels.get(agent.name)
+        if old is None and len(self.tunnels) >= self.settings.max_agents:
+            tunnel.close(ErrorCode.REFUSED, f"the relay serves its maximum of {self.settings.max_agents} agents")
+            return False
+        self.tunnels[agent.name] = tunnel
+        if old is not None:
+            self.log.info("agent {agent}: a new tunnel from {peer} replaces the one from {old}", agent=agent.name, peer=tunnel.peer, old=old.peer)
+            for factory in self.public.values():
+                if factory.tunnel is old:
+                    factory.tunnel = tunnel  # keep listening: no window where the port is closed or taken
+            old.close(ErrorCode.REPLACED, "replaced by a newer tunnel of the same agent")
+        return True
+
+    def detach(self, tunnel: RelayTunnel) -> None:
+        if self.tunnels.get(tunnel.agent_name) is tunnel:
+            del self.tunnels[tunnel.agent_name]
+            self.log.info("agent {agent} disconnected", agent=tunnel.agent_name)
+        self.release_ports(tunnel)
+
+    # public ports
+
+    def listen(self, tunnel: RelayTunnel, port: int) -> str | None:
+        """Listen on `port` for the tunnel's agent; None on success, else why not."""
+        agent = tunnel.agent
+        low, high = defaults.AGENT_PORT_RANGE
+        if port == self.settings.tunnel_port:
+            return f"port {port} is the relay's tunnel port"
+        if agent.ports is not None:
+            if port not in agent.ports:
+                return f"port {port} is not allowed for agent {agent.name} (allowed: {agent.ports})"
+        elif not low <= port <= high:
+            return f"port {port} is outside {low}-{high}, the range agents may ask for"
+        factory = self.public.get(port)
+        if factory is not None:
+            owner = factory.tunnel.agent_name if factory.tunnel else "?"
+            if owner != agent.name:
+                return f"port {port} is served by another agent"
+            factory.tunnel = tunnel
+            return None
+        owned = sum(1 for f in self.public.values() if f.tunnel is tunnel)
+        if owned >= self.settings.max_ports_per_agent:
+            return f"agent {agent.name} already has {owned} ports, the maximum"
+        factory = PublicFactory(port, tunnel)
+        try:
+            factory.listening = self.reactor.listenTCP(port, factory, interface=self.settings.public_interface)
+        except error.CannotListenError as e:
+            return f"the relay cannot listen on port {port}: {e.socketError}"
+        self.public[port] = factory
+        self.log.info("agent {agent}: listening on public port {port}", agent=agent.name, port=port)
+        return None
+
+    def release_ports(self, tunnel: RelayTunnel) -> None:
+        for port, factory in list(self.public.items()):
+            if factory.tunnel is tunnel:
+                del self.public[port]
+                factory.tunnel = None
+                factory.listening.stopListening()
+                self.log.info("agent {agent}: stopped listening on public port {port}", agent=tunnel.agent_name, port=port)
+
+    # shutdown
+
+    @defer.inlineCallbacks
+    def drain(self):
+        """SIGTERM: stop accepting, tell every agent, let streams finish for a bounded time."""
+        self.accepting = False
+        stops = [f.listening.stopListening() for f in self.public.values()]
+        for factory in self.public.values():
+            factory.tunnel = None
+        self.public.clear()
+        yield defer.DeferredList(stops)
+        tunnels = list(self.tunnels.values())
+        for tunnel in tunnels:
+            tunnel.session.go_away(ErrorCode.SHUTDOWN, "the relay is shutting down")
+            tunnel.flush()
+        deadline = self.reactor.seconds() + self.settings.drain_timeout
+        while any(t.streams for t in tunnels) and self.reactor.seconds() < deadline:
+            yield _sleep(self.reactor, 0.1)
+        for tunnel in tunnels:
+            if tunnel.connected_tunnel:
+                tunnel.transport.abortConnection()
+
+
+def _sleep(reactor, seconds: float):
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d

@@ -1,0 +1,157 @@
+"""`twistd relay-server`: options, first-run set-up, and the service tree of the relay."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import socket
+from pathlib import Path
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from . import defaults
+from .config import ConfigError, Option, merge
+from .server import Relay, RelaySettings
+from .state import State, StateError, init_state
+from .tls import server_options
+from .tunnel import TunnelSettings
+
+log = Logger()
+FIRST_AGENT = "first-agent"
+
+OPTIONS = {
+    o.name: o
+    for o in [
+        Option("state", str, "state directory: CA, certificate, agent credentials", defaults.STATE_DIR),
+        Option("tunnel", str, "Twisted server endpoint for agent tunnels (TLS is added)", defaults.TUNNEL_ENDPOINT),
+        Option("config", str, "TOML file whose keys are these long options"),
+        Option("public-interface", str, "address the public ports listen on ('' = all IPv4, '::' = all)", ""),
+        Option("heartbeat-interval", float, "seconds between PINGs", defaults.HEARTBEAT_INTERVAL),
+        Option("dead-after", int, "heartbeat intervals of silence before a tunnel is dead", defaults.HEARTBEAT_DEAD_AFTER),
+        Option("handshake-timeout", float, "seconds a new tunnel has for TLS and hello", defaults.HANDSHAKE_TIMEOUT),
+        Option("max-unauthenticated", int, "tunnels handshaking at once", defaults.MAX_UNAUTHENTICATED),
+        Option("max-agents", int, "agents connected at once", defaults.MAX_AGENTS),
+        Option("max-ports-per-agent", int, "public ports one agent may hold", defaults.MAX_PORTS_PER_AGENT),
+        Option("max-streams", int, "concurrent streams per tunnel", defaults.MAX_STREAMS),
+        Option("window-budget", int, "bytes per tunnel that stream windows may grow by", defaults.WINDOW_BUDGET),
+        Option("drain-timeout", float, "seconds open streams may drain on SIGTERM", defaults.DRAIN_TIMEOUT),
+    ]
+}
+
+
+class Options(usage.Options):
+    synopsis = "[--state DIR] [--tunnel ENDPOINT] [--config FILE] [options]"
+    longdesc = (
+        "Public relay: agents dial in over TLS (ALPN relay/1) and the relay listens on public "
+        "ports for them. With no options: state in ./relay-state (created on first run), tunnel on tcp:7835."
+    )
+    optParameters = [[o.name, None, None, f"{o.help} (default: {o.default!r})"] for o in OPTIONS.values()]
+
+    def postOptions(self) -> None:
+        try:
+            self.update(merge(self, OPTIONS))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class RelayService(service.MultiService):
+    """Stops in order: the tunnel listener first, then the relay drains its streams."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__()
+        self.relay = relay
+
+    def stopService(self):
+        d = super().stopService()
+        d.addCallback(lambda _: self.relay.drain())
+        return d
+
+
+def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's name)
+    from twisted.internet import reactor
+
+    _raise_fd_limit()
+    state = _open_state(Path(config["state"]))
+    settings = RelaySettings(
+        tunnel_port=_tunnel_port(config["tunnel"]),
+        public_interface=config["public-interface"],
+        handshake_timeout=config["handshake-timeout"],
+        max_unauthenticated=config["max-unauthenticated"],
+        max_agents=config["max-agents"],
+        max_ports_per_agent=config["max-ports-per-agent"],
+        drain_timeout=config["drain-timeout"],
+        tunnel=TunnelSettings(
+            heartbeat_interval=config["heartbeat-interval"],
+            dead_after=config["dead-after"],
+            max_streams=config["max-streams"],
+            window_budget=config["window-budget"],
+        ),
+    )
+    relay = Relay(reactor, state, settings)
+    tls = server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path)
+    try:
+        endpoint = endpoints.serverFromString(reactor, config["tunnel"])
+    except (ValueError, TypeError) as e:
+        raise usage.UsageError(f"--tunnel {config['tunnel']!r} is not a server endpoint ({e}); try tcp:7835") from None
+    top = RelayService(relay)
+    listener = StreamServerEndpointService(endpoint, TLSMemoryBIOFactory(tls, False, relay.tunnel_factory()))
+    listener._raiseSynchronously = True  # a taken tunnel port must stop startup, not just log
+    listener.setServiceParent(top)
+    _first_run_hint(state, config["tunnel"])
+    return top
+
+
+def _open_state(path: Path) -> State:
+    try:
+        return State(path)
+    except StateError:
+        pass
+    if path.exists() and any(path.iterdir()) and not (path / "ca.pem").exists():
+        raise usage.UsageError(f"{path} exists but is not a relay state dir; use --state with another directory")
+    pin = init_state(path)
+    log.info("created the relay state dir {path} (CA pin {pin})", path=str(path), pin=pin)
+    return State(path)
+
+
+def _first_run_hint(state: State, tunnel: str) -> None:
+    """On a relay with no agents, make one and say how to run it (token by file, never in the log)."""
+    if state.agents():
+        return
+    token = state.issue_token(FIRST_AGENT)
+    token_file = state.path / "first-agent.token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    port = _tunnel_port(tunnel) or defaults.TUNNEL_PORT
+    log.info(
+        "no agents yet: created agent {name}; its token is in {file}. On the inside host, copy that "
+        "file and run:\n  twistd -n relay-agent --relay {host}:{port} --token-file first-agent.token "
+        "--pin {pin} --expose 8080=127.0.0.1:80",
+        name=FIRST_AGENT,
+        file=str(token_file),
+        host=socket.getfqdn(),
+        port=port,
+        pin=state.ca_pin(),
+    )
+
+
+def _tunnel_port(endpoint: str) -> int | None:
+    match = re.match(r"^(?:tcp6?|ssl)?:?(\d+)(?::|$)", endpoint)
+    return int(match.group(1)) if match else None
+
+
+def _raise_fd_limit() -> None:
+    """Every stream is a socket: let the relay use all the descriptors the system allows it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass

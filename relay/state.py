@@ -1,0 +1,483 @@
+"""The relay's state directory: its CA, its server certificate and its agents' credentials.
+
+`relay init` creates it (init_state), `relay agent-token` adds agents to it and the
+running relay reads it (State). Layout of DIR (mode 0700):
+
+    ca.pem, ca.key          the CA agents trust (--ca DIR/ca.pem or --pin sha256:...)
+    server.pem, server.key  the relay's TLS certificate, signed by the CA
+    agents.json             per agent: SHA-256 of its secret and the ports it may use
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shlex
+import socket
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from relay import defaults
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+AGENTS_FILE = "agents.json"
+
+_AGENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_DNS_NAME_RE = re.compile(r"[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)*")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
+# Compared against when the agent name is unknown, so that answering "no" takes as
+# long for an unknown name as for a wrong secret.
+_NO_SUCH_AGENT = "0" * 64
+
+
+class StateError(Exception):
+    """The state dir is missing or broken; str() tells the user what to do."""
+
+
+@dataclass(frozen=True)
+class PortSet:
+    """Ports an agent may ask the relay to listen on, as sorted, merged, inclusive ranges."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        # Normalise so that equality and hashing are by value ("80,81" == "80-81").
+        merged: list[tuple[int, int]] = []
+        for low, high in sorted(self.ranges):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+            else:
+                merged.append((low, high))
+        object.__setattr__(self, "ranges", tuple(merged))
+
+    @classmethod
+    def parse(cls, spec: str) -> PortSet:
+        """Parse "8080,2000-2007"; ValueError naming the bad item otherwise."""
+        return cls(tuple(_parse_port_item(item.strip(), spec) for item in spec.split(",")))
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and any(low <= port <= high for low, high in self.ranges)
+
+    def __str__(self) -> str:
+        return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in self.ranges)
+
+
+def _parse_port_item(item: str, spec: str) -> tuple[int, int]:
+    if not item:
+        raise ValueError(f"bad port spec {spec!r}: empty item (stray comma?)")
+    bounds = item.split("-")
+    if len(bounds) > 2 or not all(_PORT_RE.fullmatch(b) for b in bounds):
+        raise ValueError(
+            f"bad port spec {spec!r}: {item!r} is neither a port nor a range like 2000-2007"
+        )
+    low, high = int(bounds[0]), int(bounds[-1])
+    for port in (low, high):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"bad port spec {spec!r}: port {port} is not in 1-65535")
+    if low > high:
+        raise ValueError(f"bad port spec {spec!r}: range {item!r} is reversed; write {high}-{low}")
+    return low, high
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent the relay knows; ports=None means any port in defaults.AGENT_PORT_RANGE."""
+
+    name: str
+    ports: PortSet | None
+
+
+def validate_agent_name(name: str) -> str:
+    """Return NAME if it may name an agent (it becomes the token's prefix); ValueError if not."""
+    if not _AGENT_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"bad agent name {name!r}: use 1-64 ASCII letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_hostname(name: str) -> str:
+    """Return NAME as it goes into the server certificate (canonical IP or lower-case DNS name)."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not _DNS_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"bad hostname {name!r}: give a DNS name (ASCII letters, digits, '-', '.';"
+            " punycode for others) or an IP address"
+        )
+    return name.lower()
+
+
+def default_hostnames() -> list[str]:
+    """The names `relay init` certifies when given none: loopback and this machine's FQDN."""
+    names = ["localhost", "127.0.0.1", "::1"]
+    try:
+        names.append(validate_hostname(socket.getfqdn()))
+    except ValueError:
+        pass  # a misconfigured machine name must not break `relay init`; --hostname fixes it
+    return list(dict.fromkeys(names))
+
+
+def cert_pin(pem_or_der: bytes) -> str:
+    """The pin of a certificate (the first one, if PEM): "sha256:" + hex SHA-256 of its DER."""
+    if b"-----BEGIN" in pem_or_der:
+        cert = x509.load_pem_x509_certificate(pem_or_der)
+    else:
+        cert = x509.load_der_x509_certificate(pem_or_der)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def init_state(path: str | os.PathLike, hostnames: Sequence[str] | None = None) -> str:
+    """Create or update the state dir at PATH and return the CA pin.
+
+    Keeps an existing CA, so agents keep trusting the relay; (re-)issues the server
+    certificate when it is missing, broken or expired, or when HOSTNAMES are given and
+    differ from the names it certifies. Without HOSTNAMES an existing server
+    certificate is kept as it is: re-running `relay init`, or a relay initialising on
+    start, must not undo an earlier `--hostname`.
+    """
+    names = [
+        validate_hostname(n) for n in (default_hostnames() if hostnames is None else hostnames)
+    ]
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise ValueError("give at least one hostname for the server certificate")
+    root = Path(path)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)  # mkdir honours the umask and leaves an existing dir alone
+    ca_cert, ca_key = _ensure_ca(root, names[0])
+    sans = [_general_name(n) for n in names]
+    if not _server_cert_is_current(root, ca_cert, None if hostnames is None else sans):
+        if ca_key is None:
+            raise StateError(
+                f"cannot re-issue {root / SERVER_CERT}: {root / CA_KEY} is missing; "
+                f"put the CA key back and run `{_init_command(root)}` again"
+            )
+        _issue_server_cert(root, ca_cert, ca_key, names[0], sans)
+    return cert_pin(ca_cert.public_bytes(serialization.Encoding.DER))
+
+
+def _init_command(path: str | os.PathLike) -> str:
+    return f"relay init --state {shlex.quote(str(path))}"
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _ensure_ca(
+    root: Path, first_name: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | None]:
+    """Load the CA, or create it if there is none; the key may be absent (kept offline)."""
+    cert_path, key_path = root / CA_CERT, root / CA_KEY
+    if cert_path.exists():
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = _load_key(key_path) if key_path.exists() else None
+        except (ValueError, TypeError) as exc:
+            raise StateError(
+                f"{cert_path} or {key_path} is not a readable PEM ({exc}); restore them from "
+                f"a backup, or delete {root} and run `{_init_command(root)}` again (agents "
+                "must then trust the new CA)"
+            ) from exc
+        if key is not None and _public_der(key) != _public_der(cert):
+            raise StateError(
+                f"{key_path} does not belong to {cert_path}; restore the matching pair"
+            )
+        return cert, key
+    if key_path.exists():
+        # Never overwrite a CA key: without its certificate it may still be recoverable.
+        raise StateError(
+            f"{key_path} exists but {cert_path} does not; restore {cert_path}, "
+            f"or remove {key_path} to create a new CA"
+        )
+    key = ec.generate_private_key(ec.SECP256R1())  # P-256: small and fast handshakes
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"relay CA {first_name}"[:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))  # tolerate clock skew
+        .not_valid_after(now + datetime.timedelta(days=defaults.CA_VALIDITY_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # Key first: a crash in between then leaves the "key without certificate" case
+    # above, which refuses to guess, rather than a certificate nobody can sign with.
+    _write_atomic(key_path, _private_pem(key), 0o600)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert, key
+
+
+def _server_cert_is_current(
+    root: Path, ca_cert: x509.Certificate, sans: list[x509.GeneralName] | None
+) -> bool:
+    """Whether server.pem/.key are a valid pair from this CA (certifying SANS, if given)."""
+    try:
+        cert = x509.load_pem_x509_certificate((root / SERVER_CERT).read_bytes())
+        key = _load_key(root / SERVER_KEY)
+        cert.verify_directly_issued_by(ca_cert)
+        have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    return (
+        (sans is None or set(have) == set(sans))
+        and _public_der(key) == _public_der(cert)
+        and cert.not_valid_after_utc > datetime.datetime.now(datetime.UTC)
+    )
+
+
+def _issue_server_cert(
+    root: Path,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    first_name: str,
+    sans: list[x509.GeneralName],
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    # A certificate outliving its CA would only fail later and more confusingly.
+    not_after = min(
+        now + datetime.timedelta(days=defaults.SERVER_CERT_VALIDITY_DAYS),
+        ca_cert.not_valid_after_utc,
+    )
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first_name[:64])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    # Key first: a new key beside the old certificate fails the key check above, so
+    # an interrupted run is repaired by the next `relay init`.
+    _write_atomic(root / SERVER_KEY, _private_pem(key), 0o600)
+    _write_atomic(root / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _key_usage(
+    digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path} is not an EC key")
+    return key
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _public_der(key_or_cert: ec.EllipticCurvePrivateKey | x509.Certificate) -> bytes:
+    return key_or_cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace PATH with DATA so that readers see the old or the new file, never a part.
+
+    mkstemp creates the file 0600 (os.open with O_EXCL), so a key is never readable
+    by others, not even for a moment; MODE may only widen that, for certificates.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class State:
+    """An initialised state dir, as the running relay and `relay agent-token` use it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.ca_cert_path = self.path / CA_CERT
+        self.server_cert_path = self.path / SERVER_CERT
+        self.server_key_path = self.path / SERVER_KEY
+        self._agents_path = self.path / AGENTS_FILE
+        init_hint = f"run `{_init_command(path)}`"
+        if not self.path.is_dir():
+            raise StateError(f"state dir {path} does not exist; {init_hint} first")
+        # ca.key is not needed here: an operator may keep it offline.
+        needed = (self.ca_cert_path, self.server_cert_path, self.server_key_path)
+        missing = [p.name for p in needed if not p.is_file()]
+        if missing:
+            raise StateError(
+                f"state dir {path} is incomplete (no {', '.join(missing)}); {init_hint} to complete it"
+            )
+        self._agents_stamp: tuple[int, ...] | None = None
+        self._agents: dict[str, tuple[str, Agent]] = {}
+
+    def server_hostnames(self) -> list[str]:
+        """The DNS names and IP addresses the server certificate is valid for."""
+        cert = x509.load_pem_x509_certificate(self.server_cert_path.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [str(name.value) for name in sans]
+
+    def ca_pin(self) -> str:
+        """The pin agents may use instead of --ca: "sha256:<hex of the CA's DER>"."""
+        return cert_pin(self.ca_cert_path.read_bytes())
+
+    def issue_token(self, name: str, ports: PortSet | None = None) -> str:
+        """Create agent NAME, or rotate its secret and ports; return its new token.
+
+        Only a hash of the secret is stored, so this is the one time it can be shown.
+        """
+        validate_agent_name(name)
+        secret = secrets.token_urlsafe(32)
+        entries = {
+            n: {"secret_sha256": digest, "ports": _ports_text(agent.ports)}
+            for n, (digest, agent) in self._current_agents().items()
+        }
+        entries[name] = {"secret_sha256": _secret_hash(secret), "ports": _ports_text(ports)}
+        data = json.dumps({"agents": entries}, indent=2, sort_keys=True) + "\n"
+        _write_atomic(self._agents_path, data.encode(), 0o600)
+        return f"{name}.{secret}"
+
+    def authenticate(self, token: str) -> Agent | None:
+        """The agent TOKEN belongs to, or None if it is unknown, wrong or malformed.
+
+        Never raises for a bad token; raises StateError only if agents.json itself is
+        broken, which is the operator's problem, not the client's.
+        """
+        # Bounded before any work, so a huge token costs nothing; ASCII so encode() cannot fail.
+        if not isinstance(token, str) or len(token) > defaults.MAX_TOKEN_LENGTH:
+            return None
+        if not token.isascii():
+            return None
+        name, dot, secret = token.partition(".")
+        if not dot or not secret:
+            return None
+        entry = self._current_agents().get(name)
+        expected = entry[0] if entry else _NO_SUCH_AGENT
+        if hmac.compare_digest(_secret_hash(secret), expected) and entry:
+            return entry[1]
+        return None
+
+    def agents(self) -> dict[str, Agent]:
+        """Every agent with a credential, by name."""
+        return {name: agent for name, (_, agent) in self._current_agents().items()}
+
+    def _current_agents(self) -> dict[str, tuple[str, Agent]]:
+        """agents.json as (secret hash, Agent) by name, re-read only when the file changed.
+
+        This is how a running relay picks up `relay agent-token` without a restart.
+        The inode is part of the stamp because every write replaces the file.
+        """
+        try:
+            st = os.stat(self._agents_path)
+        except FileNotFoundError:
+            self._agents_stamp, self._agents = None, {}
+            return self._agents
+        except OSError as exc:
+            raise StateError(
+                f"cannot read {self._agents_path} ({exc}); check its permissions"
+            ) from exc
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if stamp != self._agents_stamp:
+            self._agents = _read_agents(self._agents_path)
+            self._agents_stamp = stamp
+        return self._agents
+
+
+def _secret_hash(secret: str) -> str:
+    # The secret is 256 random bits, not a password: nothing to brute-force, so a
+    # fast hash is right and a slow KDF would only slow every tunnel handshake.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _ports_text(ports: PortSet | None) -> str | None:
+    return None if ports is None else str(ports)
+
+
+def _read_agents(path: Path) -> dict[str, tuple[str, Agent]]:
+    try:
+        doc = json.loads(path.read_bytes())
+        if not isinstance(doc, dict) or not isinstance(doc.get("agents"), dict):
+            raise ValueError('no "agents" object')
+        table = {}
+        for name, entry in doc["agents"].items():
+            if not (
+                isinstance(entry, dict)
+                and _AGENT_NAME_RE.fullmatch(name)
+                and isinstance(entry.get("secret_sha256"), str)
+                and _SHA256_HEX_RE.fullmatch(entry["secret_sha256"])
+                and isinstance(entry.get("ports"), str | None)
+            ):
+                raise ValueError(f"bad entry for agent {name!r}")
+            ports = entry.get("ports")
+            agent = Agent(name, None if ports is None else PortSet.parse(ports))
+            table[name] = (entry["secret_sha256"], agent)
+    except (OSError, ValueError) as exc:
+        raise StateError(
+            f"{path} is unreadable or malformed ({exc}); fix it, or delete it and issue "
+            "new tokens with `relay agent-token`"
+        ) from exc
+    return table

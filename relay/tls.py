@@ -1,0 +1,142 @@
+"""TLS for the tunnel: the relay's server options, and the agent's three ways to verify the relay.
+
+Every mode verifies; there is deliberately no option that does not. TLS 1.3 only, and the
+ALPN id relay/1 on both sides, so a firewall can see exactly what this connection is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.compat import nativeString
+from zope.interface import implementer
+
+from . import defaults
+
+TLS_MINIMUM = ssl.TLSVersion.TLSv1_3
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or pin could not be used; the message says which file and why."""
+
+
+def server_options(cert_path: Path, key_path: Path, ca_path: Path) -> ssl.CertificateOptions:
+    """The relay's TLS options: its certificate, the CA in the chain (so pins on the CA work)."""
+    try:
+        cert = ssl.PrivateCertificate.loadPEM(cert_path.read_bytes() + key_path.read_bytes())
+        ca = ssl.Certificate.loadPEM(ca_path.read_bytes())
+    except (OSError, SSL.Error, crypto.Error, ValueError) as e:
+        raise TLSConfigError(f"cannot load the relay certificate from {cert_path.parent}: {e}") from e
+    return ssl.CertificateOptions(
+        privateKey=cert.privateKey.original,
+        certificate=cert.original,
+        extraCertChain=[ca.original],
+        raiseMinimumTo=TLS_MINIMUM,
+        acceptableProtocols=[defaults.ALPN],
+    )
+
+
+def client_options_for_ca(host: str, ca_file: Path) -> IOpenSSLClientConnectionCreator:
+    """Trust the relay's CA file and check that the relay's certificate names `host`."""
+    try:
+        ca = ssl.Certificate.loadPEM(Path(ca_file).read_bytes())
+    except (OSError, SSL.Error, crypto.Error, ValueError) as e:
+        raise TLSConfigError(f"cannot read the CA certificate {ca_file}: {e}") from e
+    return ssl.optionsForClientTLS(
+        host,
+        trustRoot=ssl.trustRootFromCertificates([ca]),
+        acceptableProtocols=[defaults.ALPN],
+        extraCertificateOptions={"raiseMinimumTo": TLS_MINIMUM},
+    )
+
+
+def client_options_for_system_trust(host: str) -> IOpenSSLClientConnectionCreator:
+    """The platform's trust store plus a hostname check, as a browser would."""
+    return ssl.optionsForClientTLS(
+        host,
+        trustRoot=ssl.platformTrust(),
+        acceptableProtocols=[defaults.ALPN],
+        extraCertificateOptions={"raiseMinimumTo": TLS_MINIMUM},
+    )
+
+
+def parse_pin(pin: str) -> bytes:
+    """`sha256:HEX` as 32 raw bytes; ValueError with the expected form otherwise."""
+    prefix, _, digest = pin.partition(":")
+    try:
+        raw = bytes.fromhex(digest)
+    except ValueError:
+        raw = b""
+    if prefix.lower() != "sha256" or len(raw) != 32:
+        raise ValueError(f"a pin looks like sha256:<64 hex digits>, not {pin!r}")
+    return raw
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class PinnedClientOptions:
+    """Accept a relay whose certificate, or a CA certificate it chains to, has the pinned SHA-256.
+
+    The pin is the identity, so no hostname check (SPEC). A CA pin is honoured only if
+    the leaf really chains to that CA: a CA certificate is public, so "the pinned
+    certificate appears somewhere in the chain" alone would be forgeable.
+    """
+
+    def __init__(self, host: str, pin: str) -> None:
+        self._pin = parse_pin(pin)
+        self._sni = _sni_name(host)
+        options = ssl.CertificateOptions(raiseMinimumTo=TLS_MINIMUM, acceptableProtocols=[defaults.ALPN])
+        self._context = options.getContext()
+        self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+        self._chains: dict[int, dict[int, crypto.X509]] = {}
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802 (Twisted's name)
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
+        connection.set_connect_state()
+        return connection
+
+    def _verify(self, connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        # OpenSSL calls this once per certificate, from the top of the chain down to the
+        # leaf at depth 0. OpenSSL's own verdict is replaced by the pin check at the leaf.
+        chain = self._chains.setdefault(id(connection), {})
+        chain[depth] = cert
+        if depth != 0:
+            return True
+        del self._chains[id(connection)]
+        return pin_matches(self._pin, [chain[d] for d in sorted(chain)])
+
+
+def pin_matches(pin: bytes, chain: list[crypto.X509]) -> bool:
+    """True if chain[0] (the leaf) has the pin, or chains up to a certificate that has it."""
+    digests = [hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, c)).digest() for c in chain]
+    if hmac.compare_digest(digests[0], pin):
+        return True
+    for index, digest in enumerate(digests[1:], start=1):
+        if hmac.compare_digest(digest, pin):
+            store = crypto.X509Store()
+            store.add_cert(chain[index])
+            context = crypto.X509StoreContext(store, chain[0], chain=chain[1:index])
+            try:
+                context.verify_certificate()
+            except crypto.X509StoreContextError:
+                return False
+            return True
+    return False
+
+
+def _sni_name(host: str) -> bytes | None:
+    """SNI carries DNS names only, never IP literals (RFC 6066)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return nativeString(host).encode("idna")
+    return None

@@ -1,0 +1,381 @@
+"""The Twisted side of a tunnel: feeds TLS bytes to the sans-IO session, carries its frames back,
+and wires each stream's socket to it with producer/consumer backpressure both ways.
+
+Data path of one stream, socket to tunnel: Stream.dataReceived -> Tunnel.stream_data ->
+Session.send_data -> Tunnel.flush -> TLS transport. Tunnel to socket: Tunnel.dataReceived ->
+Session.receive_data -> Stream.deliver -> socket transport; credit goes back once the socket
+is not pausing us (Stream.resumeProducing).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from twisted.internet import error
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import defaults
+from .protocol import (
+    ControlReceived,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    PongReceived,
+    ProtocolError,
+    Role,
+    SendWindowOpened,
+    Session,
+    StreamAccepted,
+    StreamOpened,
+    StreamReset,
+)
+
+# The tunnel socket's user-space send buffer before Twisted pauses us. The default 64 KiB
+# makes every stream pause and resume every 64 KiB (research §2.2: 16 128 cycles/GiB).
+TUNNEL_BUFFER_SIZE = 4 * defaults.MiB
+CLOSE_GRACE = 5.0  # after GOAWAY and close, how long before we abort (TLS close_notify may never come)
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
+    dead_after: int = defaults.HEARTBEAT_DEAD_AFTER
+    initial_window: int = defaults.INITIAL_WINDOW
+    max_window: int = defaults.MAX_WINDOW
+    window_budget: int = defaults.WINDOW_BUDGET
+    max_streams: int = defaults.MAX_STREAMS
+
+    @property
+    def dead_timeout(self) -> float:
+        return self.heartbeat_interval * self.dead_after
+
+
+def tune_socket(transport, *, keepalive: bool = False, user_timeout: float | None = None) -> None:
+    """TCP_NODELAY (small tunneled writes must not wait for delayed ACKs), and for the tunnel
+    keepalive plus TCP_USER_TIMEOUT, so unacknowledged data cannot hang a dead path forever."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    if not isinstance(handle, socket.socket):
+        return
+    try:
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+                if hasattr(socket, name):
+                    handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        if user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+    except OSError:
+        pass  # not a TCP socket (a test transport, a UNIX socket): nothing to tune
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class Stream(Protocol):
+    """One TCP connection (a public client on the relay, a target on the agent) bound to a stream.
+
+    It is the producer registered on its own socket, so the socket's pause/resume tells us
+    when to stop crediting the peer; and it pauses its own reading when it has no credit.
+    """
+
+    def __init__(self, tunnel: Tunnel, stream_id: int) -> None:
+        self.tunnel = tunnel
+        self.stream_id = stream_id
+        self.write_paused = False  # our socket's buffer is full: do not credit
+        self.uncredited = 0
+        self.no_credit = False  # the peer's window is used up: do not read
+        self.read_eof = False
+        self.write_closed = False
+        self.closing = False  # reset or aborted: connectionLost must not reset again
+        self._early: list[bytes] = []  # data that arrived before the socket was connected
+        self._early_fin = False
+
+    # socket -> tunnel
+
+    def connectionMade(self) -> None:
+        tune_socket(self.transport)
+        self.transport.registerProducer(self, True)
+        if self._early or self._early_fin:
+            early, self._early = self._early, []
+            for chunk in early:
+                self.deliver(chunk)
+            if self._early_fin:
+                self.deliver_fin()
+        self.update_reading()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tunnel.stream_data(self, data)
+
+    def readConnectionLost(self) -> None:
+        self.read_eof = True
+        self.tunnel.stream_eof(self)
+        self._maybe_close()
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
+        self._maybe_close()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.tunnel.stream_lost(self, clean=self.closing or (self.read_eof and self.write_closed))
+
+    def update_reading(self) -> None:
+        """Read our socket only while the peer gave credit and the tunnel is not backed up."""
+        if self.transport is None or self.read_eof or self.closing:
+            return
+        if self.no_credit or self.tunnel.paused:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+
+    # tunnel -> socket
+
+    def deliver(self, data: bytes) -> None:
+        if self.transport is None:
+            self._early.append(data)
+            self.uncredited += len(data)
+            return
+        self.transport.write(data)
+        if self.write_paused:
+            self.uncredited += len(data)
+        else:
+            self.tunnel.session.consumed(self.stream_id, len(data) + self.uncredited)
+            self.uncredited = 0
+
+    def deliver_fin(self) -> None:
+        if self.transport is None:
+            self._early_fin = True
+        else:
+            self.transport.loseWriteConnection()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _maybe_close(self) -> None:
+        if self.read_eof and self.write_closed:
+            self.transport.loseConnection()
+
+    # IPushProducer, driven by our socket's send buffer
+
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        if self.uncredited:
+            count, self.uncredited = self.uncredited, 0
+            self.tunnel.session.consumed(self.stream_id, count)
+            self.tunnel.flush()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class Tunnel(Protocol):
+    """One TLS connection carrying many streams. Subclasses add the relay's or the agent's rules."""
+
+    role: Role
+    log = Logger()
+
+    def __init__(self, reactor, settings: TunnelSettings) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.session = Session(
+            self.role,
+            clock=reactor.seconds,
+            initial_window=settings.initial_window,
+            max_window=settings.max_window,
+            window_budget=settings.window_budget,
+            max_streams=settings.max_streams,
+        )
+        self.streams: dict[int, Stream] = {}
+        self.paused = False
+        self.peer = "?"
+        self.connected_tunnel = False
+        self._last_received = reactor.seconds()
+        self._heartbeat = None
+        self._close_timer = None
+        self._backlog_while_paused = 0
+
+    # connection life
+
+    def connectionMade(self) -> None:
+        self.connected_tunnel = True
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        lower = getattr(self.transport, "transport", None)
+        if lower is not None and hasattr(lower, "bufferSize"):
+            lower.bufferSize = TUNNEL_BUFFER_SIZE
+        tune_socket(lower, keepalive=True, user_timeout=self.settings.dead_timeout)
+        self.transport.registerProducer(self, True)
+        self._last_received = self.reactor.seconds()
+        self._heartbeat = self.reactor.callLater(self.settings.heartbeat_interval, self._beat)
+
+    def handshakeCompleted(self) -> None:
+        if getattr(self.transport, "_aborted", False) or self.transport.disconnecting:
+            return  # certificate verification failed after the handshake (Twisted calls us anyway)
+        if self.transport.negotiatedProtocol != defaults.ALPN:
+            self.close(ErrorCode.PROTOCOL_ERROR, f"peer did not negotiate ALPN {defaults.ALPN.decode()}")
+            return
+        self.session.send_ping()  # an early RTT sample for window auto-tuning
+        self.tunnel_ready()
+        self.flush()
+
+    def tunnel_ready(self) -> None:
+        """TLS is up and verified; subclasses start their hello here."""
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.connected_tunnel = False
+        for timer in (self._heartbeat, self._close_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.abort()
+
+    def close(self, code: int, reason: str) -> None:
+        """Say GOAWAY with a reason, then close; abort if the peer does not finish closing."""
+        if not self.connected_tunnel or self._close_timer is not None:
+            return
+        self.session.go_away(code, reason)
+        self.flush()
+        self.transport.loseConnection()
+        self._close_timer = self.reactor.callLater(CLOSE_GRACE, self.transport.abortConnection)
+
+    def _beat(self) -> None:
+        silent = self.reactor.seconds() - self._last_received
+        if silent >= self.settings.dead_timeout:
+            self.log.warn(
+                "tunnel {peer}: nothing received for {silent:.0f} s; the tunnel is dead",
+                peer=self.peer,
+                silent=silent,
+            )
+            self.transport.abortConnection()
+            return
+        self.session.send_ping()
+        self.flush()
+        self._heartbeat = self.reactor.callLater(self.settings.heartbeat_interval, self._beat)
+
+    # bytes in
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_received = self.reactor.seconds()
+        try:
+            events = self.session.receive_data(data)
+        except ProtocolError as e:
+            self.log.warn("tunnel {peer}: protocol error: {error}", peer=self.peer, error=str(e))
+            self.close(ErrorCode.PROTOCOL_ERROR, str(e))
+            return
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    if event.data:
+                        stream.deliver(event.data)
+                    if event.fin:
+                        stream.deliver_fin()
+            elif kind is SendWindowOpened:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.no_credit = False
+                    stream.update_reading()
+            elif kind is StreamReset:
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    self.stream_was_reset(stream, event.code, event.by_peer)
+                    stream.abort()
+            elif kind is StreamOpened:
+                self.stream_opened(event)
+            elif kind is StreamAccepted:
+                self.stream_accepted(event.stream_id)
+            elif kind is ControlReceived:
+                self.control_received(event.message)
+                if not self.connected_tunnel:
+                    return
+            elif kind is GoAwayReceived:
+                self.go_away_received(event.code, event.reason)
+            elif kind is PongReceived:
+                pass  # the session keeps the RTT; arrival already counted as liveness
+        self.flush()
+
+    # hooks for the two ends
+
+    def stream_opened(self, event: StreamOpened) -> None:
+        raise NotImplementedError
+
+    def stream_accepted(self, stream_id: int) -> None:
+        pass
+
+    def stream_was_reset(self, stream: Stream, code: int, by_peer: bool) -> None:
+        pass
+
+    def control_received(self, message: dict) -> None:
+        raise NotImplementedError
+
+    def go_away_received(self, code: int, reason: str) -> None:
+        pass
+
+    # bytes out
+
+    def flush(self) -> None:
+        out = self.session.data_to_send()
+        if not out or not self.connected_tunnel:
+            return
+        if self.paused:
+            # The peer is not reading. Our DATA is bounded by its windows, but replies to
+            # its PINGs and WINDOWs are not: a peer that floods and never reads is dropped.
+            self._backlog_while_paused += sum(map(len, out))
+            if self._backlog_while_paused > defaults.MAX_PENDING_CONTROL + 2 * self.settings.max_window:
+                self.log.warn("tunnel {peer}: peer stopped reading; closing", peer=self.peer)
+                self.transport.abortConnection()
+                return
+        self.transport.writeSequence(out)
+
+    # streams call these
+
+    def stream_data(self, stream: Stream, data: bytes) -> None:
+        if not self.session.has_stream(stream.stream_id):
+            return
+        if not self.session.send_data(stream.stream_id, data):
+            stream.no_credit = True
+            stream.update_reading()
+        self.flush()
+
+    def stream_eof(self, stream: Stream) -> None:
+        if self.session.has_stream(stream.stream_id):
+            self.session.send_data(stream.stream_id, b"", fin=True)
+            self.flush()
+
+    def stream_lost(self, stream: Stream, clean: bool) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+            if not clean and self.session.has_stream(stream.stream_id):
+                self.session.reset_stream(stream.stream_id, ErrorCode.RESET_BY_PEER)
+                self.flush()
+
+    # IPushProducer: the TLS transport's buffer
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        for stream in self.streams.values():
+            stream.update_reading()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._backlog_while_paused = 0
+        for stream in list(self.streams.values()):
+            stream.update_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def is_clean_close(reason: Failure | None) -> bool:
+    return reason is None or reason.check(error.ConnectionDone) is not None
