@@ -118,8 +118,7 @@ class AgentTunnel(Tunnel):
             return
         stream = TargetStream(self, event.stream_id, target)
         self.streams[event.stream_id] = stream
-        endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=self.agent.settings.connect_timeout)
-        stream.connecting = endpoint.connect(_Once(stream))
+        stream.connecting = self.agent.target_endpoint(target).connect(_Once(stream))
         stream.connecting.addCallbacks(self._connected, self._connect_failed, errbackArgs=(stream, event))
 
     def _connected(self, stream: TargetStream) -> None:
@@ -158,7 +157,8 @@ class AgentTunnel(Tunnel):
             if timer.active():
                 timer.cancel()
         super().connectionLost(reason)
-        self.lost.callback(reason)
+        self.lost_reason = reason
+        self.lost.callback(self)
 
 
 class _Once(Factory):
@@ -195,6 +195,9 @@ class AgentService(service.Service):
         super().startService()
         self._connect()
 
+    def target_endpoint(self, target: Target):
+        return HostnameEndpoint(self.reactor, target.host, target.port, timeout=self.settings.connect_timeout)
+
     def _connect(self) -> None:
         self._retry = None
         self.log.info("connecting to the relay {relay}", relay=self.relay_name)
@@ -206,7 +209,7 @@ class AgentService(service.Service):
     def _connected(self, tunnel: AgentTunnel) -> None:
         self._connecting = None
         self.tunnel = tunnel
-        tunnel.lost.addCallback(self._lost, tunnel)
+        tunnel.lost.addCallback(self._lost)
 
     def _failed(self, failure) -> None:
         self._connecting = None
@@ -231,7 +234,8 @@ class AgentService(service.Service):
         else:
             self.log.info("the relay is going away: {reason}", reason=reason or ErrorCode.name_of(code))
 
-    def _lost(self, reason, tunnel: AgentTunnel) -> None:
+    def _lost(self, tunnel: AgentTunnel) -> None:
+        reason = tunnel.lost_reason
         if self.tunnel is tunnel:
             self.tunnel = None
         if tunnel.welcomed:

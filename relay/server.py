@@ -278,7 +278,7 @@ class Relay(service.Service):
     def drain(self):
         """SIGTERM: stop accepting, tell every agent, let streams finish for a bounded time."""
         self.accepting = False
-        stops = [f.listening.stopListening() for f in self.public.values()]
+        stops = [defer.maybeDeferred(f.listening.stopListening) for f in self.public.values()]
         for factory in self.public.values():
             factory.tunnel = None
         self.public.clear()
@@ -291,8 +291,9 @@ class Relay(service.Service):
         while any(t.streams for t in tunnels) and self.reactor.seconds() < deadline:
             yield _sleep(self.reactor, 0.1)
         for tunnel in tunnels:
-            if tunnel.connected_tunnel:
-                tunnel.transport.abortConnection()
+            tunnel.close(ErrorCode.SHUTDOWN, "the relay is shutting down")
+        while any(t.connected_tunnel for t in tunnels):
+            yield _sleep(self.reactor, 0.1)  # close() aborts after its grace period
 
 
 def _sleep(reactor, seconds: float):

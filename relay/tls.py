@@ -89,13 +89,13 @@ class PinnedClientOptions:
     def __init__(self, host: str, pin: str) -> None:
         self._pin = parse_pin(pin)
         self._sni = _sni_name(host)
-        options = ssl.CertificateOptions(raiseMinimumTo=TLS_MINIMUM, acceptableProtocols=[defaults.ALPN])
-        self._context = options.getContext()
-        self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+        self._options = ssl.CertificateOptions(raiseMinimumTo=TLS_MINIMUM, acceptableProtocols=[defaults.ALPN])
+        self._options.getContext().set_verify(SSL.VERIFY_PEER, self._verify)
         self._chains: dict[int, dict[int, crypto.X509]] = {}
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802 (Twisted's name)
-        connection = SSL.Connection(self._context, None)
+        # Twisted's own options set ALPN per connection; we add SNI and the pin check.
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
         connection.set_app_data(tlsProtocol)
         if self._sni is not None:
             connection.set_tlsext_host_name(self._sni)

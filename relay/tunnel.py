@@ -158,6 +158,7 @@ class Stream(Protocol):
 
     def _maybe_close(self) -> None:
         if self.read_eof and self.write_closed:
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     # IPushProducer, driven by our socket's send buffer
@@ -243,8 +244,11 @@ class Tunnel(Protocol):
         """Say GOAWAY with a reason, then close; abort if the peer does not finish closing."""
         if not self.connected_tunnel or self._close_timer is not None:
             return
-        self.session.go_away(code, reason)
-        self.flush()
+        if not self.session.going_away:
+            self.session.go_away(code, reason)
+            self.flush()
+        # TLS starts its shutdown only once no producer is registered (tls.py loseConnection).
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         self._close_timer = self.reactor.callLater(CLOSE_GRACE, self.transport.abortConnection)
 

@@ -1,0 +1,508 @@
+"""The relay and agent tunnel protocols in memory: real TLS through iosim, a hand-advanced clock,
+fake sockets for public clients and targets. No sockets, no sleeps."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from relay import defaults
+from relay.agent import AgentService, AgentSettings, AgentTunnel, Target
+from relay.protocol import ErrorCode
+from relay.protocol.frames import HEADER, FrameDecoder, GoAway
+from relay.server import Relay, RelaySettings
+from relay.state import PortSet, State, init_state
+from relay.tls import PinnedClientOptions, client_options_for_ca, server_options
+from relay.tunnel import TunnelSettings
+
+CLIENT = IPv4Address("TCP", "203.0.113.7", 40000)
+
+
+class FakeSocket(StringTransport):
+    """A TCP transport that remembers half-close and abort."""
+
+    def __init__(self, peer=CLIENT):
+        super().__init__(peerAddress=peer)
+        self.write_closed = False
+        self.aborted = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+    def abortConnection(self):
+        self.aborted = True
+        self.disconnecting = True
+
+
+class FakeTargets:
+    """The agent's view of its inside targets: every connect is recorded and answered by the test."""
+
+    def __init__(self):
+        self.connects: list[tuple[Target, defer.Deferred, Factory]] = []
+
+    def endpoint(self, target):
+        targets = self
+
+        class _Endpoint:
+            def connect(self, factory):
+                d = defer.Deferred()
+                targets.connects.append((target, d, factory))
+                return d
+
+        return _Endpoint()
+
+    def succeed(self, index=-1):
+        target, d, factory = self.connects[index]
+        proto = factory.buildProtocol(None)
+        sock = FakeSocket()
+        proto.makeConnection(sock)
+        d.callback(proto)
+        return proto, sock
+
+
+@pytest.fixture
+def state(tmp_path):
+    init_state(tmp_path / "st", ["localhost"])
+    return State(tmp_path / "st")
+
+
+class World:
+    """One relay, any number of agents, all on one clock."""
+
+    def __init__(self, state, relay_settings=None):
+        self.clock = MemoryReactorClock()
+        self.state = state
+        self.relay = Relay(self.clock, state, relay_settings or RelaySettings(tunnel_port=7835))
+        self.server_tls = TLSMemoryBIOFactory(
+            server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path),
+            False,
+            self.relay.tunnel_factory(),
+            clock=self.clock,
+        )
+
+    def agent(self, token, expose, creator=None, tunnel=None):
+        settings = AgentSettings(token=token, expose=expose, tunnel=tunnel or TunnelSettings())
+        service = AgentService(self.clock, None, settings, relay_name="localhost:7835")
+        targets = FakeTargets()
+        service.target_endpoint = targets.endpoint
+        creator = creator or client_options_for_ca("localhost", self.state.ca_cert_path)
+        client_tls = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: AgentTunnel(service)), clock=self.clock)
+        server = self.server_tls.buildProtocol(None)
+        client = client_tls.buildProtocol(None)
+        agent = Agent(service, client, server, targets)
+        agent.pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, True, peerAddress=IPv4Address("TCP", "198.51.100.1", 5000)),
+            client,
+            iosim.FakeTransport(client, False),
+            greet=False,
+            clock=self.clock,
+        )
+        return agent
+
+    def public_client(self, port, peer=CLIENT):
+        proto = self.relay.public[port].buildProtocol(peer)
+        sock = FakeSocket(peer)
+        proto.makeConnection(sock)
+        return proto, sock
+
+
+class Agent:
+    def __init__(self, service, client, server, targets):
+        self.service = service
+        self.tls = client
+        self.tunnel: AgentTunnel = client.wrappedProtocol  # iosim drops it once the connection is lost
+        self.relay_tunnel = server.wrappedProtocol
+        self.pump: iosim.IOPump | None = None
+        self.targets = targets
+
+    def flush(self):
+        self.pump.flush()
+
+
+@pytest.fixture
+def world(state):
+    return World(state)
+
+
+def token(state, name="a1", ports="8080,9000-9001"):
+    return state.issue_token(name, PortSet.parse(ports) if ports else None)
+
+
+def up(world, state, expose=None, name="a1", ports="8080,9000-9001"):
+    agent = world.agent(token(state, name, ports), expose or {8080: Target("127.0.0.1", 80)})
+    agent.flush()
+    return agent
+
+
+def stream(world, agent, port=8080):
+    """A public client connected through to an accepted target."""
+    client, client_sock = world.public_client(port)
+    agent.flush()
+    target, target_sock = agent.targets.succeed()
+    agent.flush()
+    return client, client_sock, target, target_sock
+
+
+# --- authentication and ports --------------------------------------------------------
+
+
+def test_agent_authenticates_and_relay_listens(world, state):
+    agent = up(world, state, {8080: Target("127.0.0.1", 80), 9000: Target("::1", 22)})
+    assert agent.tunnel.welcomed
+    assert world.relay.tunnels["a1"] is agent.relay_tunnel
+    assert sorted(world.relay.public) == [8080, 9000]
+    assert [(p, i) for p, _, _, i in world.clock.tcpServers] == [(8080, ""), (9000, "")]
+    assert agent.service.attempt == 0
+
+
+def test_bad_token_is_refused_and_nothing_listens(world, state):
+    token(state)
+    agent = world.agent("a1.not-the-secret", {8080: Target("127.0.0.1", 80)})
+    agent.flush()
+    assert not agent.tunnel.welcomed
+    assert world.relay.tunnels == {}
+    assert world.relay.public == {}
+    assert world.clock.tcpServers == []
+    assert not agent.tunnel.connected_tunnel  # the relay closed it
+
+
+def test_refused_port_alone_is_refused_and_asked_again(world, state):
+    agent = up(world, state, {8080: Target("127.0.0.1", 80), 7000: Target("127.0.0.1", 70)})
+    assert sorted(world.relay.public) == [8080]
+    retry = [c for c in world.clock.getDelayedCalls() if c.func == agent.tunnel._ask_again]
+    assert len(retry) == 1 and retry[0].args == (7000,)
+    # The port is allowed later (rotation with more ports); the retry then succeeds.
+    state.issue_token("a1", PortSet.parse("7000,8080"))  # the live tunnel keeps its Agent record
+    world.clock.advance(defaults.LISTEN_RETRY_INITIAL + 1)
+    agent.flush()
+    assert sorted(world.relay.public) == [8080]  # still refused: the tunnel's grant is fixed at hello
+
+
+def test_tunnel_port_and_privileged_ports_are_refused(world, state):
+    agent = up(world, state, {7835: Target("127.0.0.1", 80), 80: Target("127.0.0.1", 80), 8080: Target("h", 1)}, ports=None)
+    assert sorted(world.relay.public) == [8080]
+    assert agent.tunnel.connected_tunnel
+
+
+def test_port_served_by_another_agent_is_refused_for_the_second(world, state):
+    first = up(world, state, {8080: Target("127.0.0.1", 80)}, name="a1", ports="8080")
+    second = up(world, state, {8080: Target("127.0.0.1", 81), 9000: Target("127.0.0.1", 82)}, name="a2", ports="8080,9000")
+    assert world.relay.public[8080].tunnel is first.relay_tunnel
+    assert world.relay.public[9000].tunnel is second.relay_tunnel
+    assert first.tunnel.connected_tunnel and second.tunnel.connected_tunnel
+
+
+def test_same_agent_reconnecting_takes_over_at_once(world, state):
+    tok = token(state)
+    old = world.agent(tok, {8080: Target("127.0.0.1", 80)})
+    old.flush()
+    client, client_sock, _, _ = stream(world, old)
+    new = world.agent(tok, {8080: Target("127.0.0.1", 81)})
+    new.flush()
+    old.flush()
+    assert world.relay.tunnels["a1"] is new.relay_tunnel
+    assert world.relay.public[8080].tunnel is new.relay_tunnel  # no re-listen, no gap
+    assert len(world.clock.tcpServers) == 1
+    assert not old.tunnel.connected_tunnel
+    assert client_sock.aborted  # streams of the replaced tunnel go with it
+    assert old.service._next_delay == old.service.settings.reconnect_max
+    _, _, target, _ = stream(world, new)
+    assert target.target == Target("127.0.0.1", 81)
+
+
+# --- streams -------------------------------------------------------------------------
+
+
+def test_bytes_flow_both_ways_to_the_configured_target(world, state):
+    agent = up(world, state)
+    client, client_sock, target, target_sock = stream(world, agent)
+    assert agent.targets.connects[0][0] == Target("127.0.0.1", 80)
+    client.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+    agent.flush()
+    assert target_sock.value() == b"GET / HTTP/1.0\r\n\r\n"
+    target.dataReceived(b"HTTP/1.0 200 OK\r\n\r\nhi")
+    agent.flush()
+    assert client_sock.value() == b"HTTP/1.0 200 OK\r\n\r\nhi"
+
+
+def test_early_data_waits_for_the_target_connection(world, state):
+    agent = up(world, state)
+    client, client_sock = world.public_client(8080)
+    client.dataReceived(b"hello before connect")
+    agent.flush()
+    assert len(agent.targets.connects) == 1
+    target, target_sock = agent.targets.succeed()
+    agent.flush()
+    assert target_sock.value() == b"hello before connect"
+
+
+def test_half_close_each_way(world, state):
+    agent = up(world, state)
+    client, client_sock, target, target_sock = stream(world, agent)
+    client.readConnectionLost()  # the client shut down its sending side
+    agent.flush()
+    assert target_sock.write_closed
+    target.dataReceived(b"still talking")
+    agent.flush()
+    assert client_sock.value() == b"still talking"
+    target.readConnectionLost()
+    agent.flush()
+    assert client_sock.write_closed
+    assert not client_sock.aborted and not target_sock.aborted
+
+
+def test_reset_propagates_as_reset(world, state):
+    agent = up(world, state)
+    client, client_sock, target, target_sock = stream(world, agent)
+    client.connectionLost(Failure(error.ConnectionLost("reset by peer")))
+    agent.flush()
+    assert target_sock.aborted
+    client2, client2_sock, target2, target2_sock = stream(world, agent)
+    target2.connectionLost(Failure(error.ConnectionLost()))
+    agent.flush()
+    assert client2_sock.aborted
+
+
+def test_target_unreachable_resets_the_client(world, state):
+    agent = up(world, state)
+    client, client_sock = world.public_client(8080)
+    agent.flush()
+    agent.targets.connects[0][1].errback(Failure(error.ConnectionRefusedError()))
+    agent.flush()
+    assert client_sock.aborted
+    assert agent.tunnel.connected_tunnel  # other streams carry on
+
+
+def test_relay_cannot_make_the_agent_connect_elsewhere(world, state):
+    agent = up(world, state)
+    relay_tunnel = agent.relay_tunnel
+    sid = relay_tunnel.session.open_stream(9001, "203.0.113.9", 1)  # a port the agent never exposed
+    relay_tunnel.flush()
+    agent.flush()
+    assert agent.targets.connects == []
+    assert not relay_tunnel.session.has_stream(sid)  # the agent answered RESET NOT_ALLOWED
+    assert agent.tunnel.connected_tunnel
+
+
+def test_stalled_target_stops_credit_and_the_client_stops_being_read(world, state):
+    agent = up(world, state)
+    client, client_sock, target, target_sock = stream(world, agent)
+    target.pauseProducing()  # the target's socket buffer is full
+    chunk = b"x" * 65536
+    sent = 0
+    for _ in range(20):
+        if client_sock.producerState == "paused":
+            break
+        client.dataReceived(chunk)
+        sent += len(chunk)
+        agent.flush()
+    assert client_sock.producerState == "paused"  # the relay stopped reading the client
+    assert sent <= defaults.INITIAL_WINDOW + 65536
+    assert len(target_sock.value()) <= defaults.INITIAL_WINDOW  # the agent holds at most one window
+    # Another stream is not affected.
+    c2, c2_sock, t2, t2_sock = stream(world, agent)
+    c2.dataReceived(b"ping")
+    agent.flush()
+    assert t2_sock.value() == b"ping"
+    # The target drains: credit flows, the client is read again, every byte arrives.
+    target.resumeProducing()
+    agent.flush()
+    assert client_sock.producerState == "producing"
+    client.dataReceived(b"tail")
+    agent.flush()
+    assert target_sock.value() == b"x" * sent + b"tail"
+
+
+def test_full_tunnel_pauses_every_stream(world, state):
+    agent = up(world, state)
+    _, s1, _, _ = stream(world, agent)
+    _, s2, _, _ = stream(world, agent)
+    agent.relay_tunnel.pauseProducing()
+    assert s1.producerState == s2.producerState == "paused"
+    agent.relay_tunnel.resumeProducing()
+    assert s1.producerState == s2.producerState == "producing"
+
+
+# --- liveness, limits, bad input ---------------------------------------------------------
+
+
+def test_silent_tunnel_is_declared_dead_and_ports_are_freed(world, state):
+    settings = TunnelSettings(heartbeat_interval=5, dead_after=3)
+    world.relay.settings = RelaySettings(tunnel_port=7835, tunnel=settings)
+    agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, tunnel=settings)
+    agent.flush()
+    assert 8080 in world.relay.public
+    world.clock.advance(5)  # heartbeats flow while the path is alive
+    agent.flush()
+    assert agent.tunnel.connected_tunnel
+    for _ in range(4):  # the path dies: nothing is pumped any more
+        world.clock.advance(5)
+    assert agent.relay_tunnel.transport.disconnecting
+    assert agent.tunnel.transport.disconnecting
+    agent.flush()  # the loss reaches both protocols
+    assert world.relay.public == {}
+    assert world.relay.tunnels == {}
+    assert [c for c in world.clock.getDelayedCalls() if c.func == agent.service._connect] or not agent.service.running
+
+
+def test_handshake_timeout_closes_a_silent_connection(world):
+    server = world.server_tls.buildProtocol(None)
+    transport = iosim.FakeTransport(server, True)
+    server.makeConnection(transport)
+    assert world.relay.unauthenticated == 1
+    world.clock.advance(defaults.HANDSHAKE_TIMEOUT + 0.1)
+    assert transport.disconnecting
+    server.connectionLost(Failure(error.ConnectionDone()))
+    assert world.relay.unauthenticated == 0
+
+
+def test_unauthenticated_connections_are_capped(state):
+    world = World(state, RelaySettings(tunnel_port=7835, max_unauthenticated=2))
+    transports = []
+    for _ in range(3):
+        server = world.server_tls.buildProtocol(None)
+        transports.append(iosim.FakeTransport(server, True))
+        server.makeConnection(transports[-1])
+    assert [t.disconnecting for t in transports] == [False, False, True]
+    assert world.relay.unauthenticated == 2
+
+
+def test_protocol_error_closes_only_that_tunnel(world, state):
+    good = up(world, state, {9000: Target("127.0.0.1", 80)}, name="good", ports="9000")
+    bad = up(world, state, {8080: Target("127.0.0.1", 80)}, name="bad", ports="8080")
+    c, c_sock, t, t_sock = stream(world, good, 9000)
+    bad.tls.write(HEADER.pack(1, 0, 0, 99, 4) + b"evil")  # DATA for a stream never opened
+    bad.flush()
+    good.flush()
+    assert not bad.tunnel.connected_tunnel
+    assert 8080 not in world.relay.public
+    c.dataReceived(b"still fine")
+    good.flush()
+    assert t_sock.value() == b"still fine"
+
+
+def test_huge_frame_header_is_refused_before_buffering(world, state):
+    agent = up(world, state)
+    agent.tls.write(HEADER.pack(1, 0, 0, 1, 0xFFFFFFFF))
+    agent.flush()
+    assert not agent.tunnel.connected_tunnel
+    assert world.relay.tunnels == {}
+
+
+def test_goaway_reason_reaches_the_agent(world, state):
+    agent = up(world, state)
+    seen = []
+    agent.service.go_away_received = lambda code, reason: seen.append((code, reason))
+    agent.relay_tunnel.close(ErrorCode.SHUTDOWN, "maintenance")
+    agent.flush()
+    assert seen == [(ErrorCode.SHUTDOWN, "maintenance")]
+
+
+def test_relay_drain_says_goaway_and_stops_listening(world, state):
+    agent = up(world, state)
+    seen = []
+    agent.service.go_away_received = lambda code, reason: seen.append(code)
+    d = world.relay.drain()
+    agent.flush()
+    assert seen == [ErrorCode.SHUTDOWN]
+    assert world.relay.public == {}
+    world.clock.advance(0.2)
+    assert d.called
+
+
+# --- TLS identity ---------------------------------------------------------------------
+
+
+def test_pinned_ca_is_accepted(world, state):
+    agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, creator=PinnedClientOptions("127.0.0.1", state.ca_pin()))
+    agent.flush()
+    assert agent.tunnel.welcomed
+
+
+def test_wrong_pin_never_sends_the_token(world, state, tmp_path):
+    init_state(tmp_path / "other", ["localhost"])
+    other_pin = State(tmp_path / "other").ca_pin()
+    agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, creator=PinnedClientOptions("localhost", other_pin))
+    seen = []
+    agent.relay_tunnel.control_received = seen.append
+    agent.flush()
+    assert not agent.tunnel.welcomed
+    assert seen == []  # no hello, so the token never left the agent
+    assert world.relay.public == {}
+
+
+def test_wrong_ca_or_wrong_name_is_refused(world, state, tmp_path):
+    init_state(tmp_path / "other", ["localhost"])
+    wrong_ca = world.agent(token(state), {8080: Target("h", 1)}, creator=client_options_for_ca("localhost", State(tmp_path / "other").ca_cert_path))
+    wrong_ca.flush()
+    wrong_name = world.agent(token(state), {8080: Target("h", 1)}, creator=client_options_for_ca("relay.example.com", state.ca_cert_path))
+    wrong_name.flush()
+    assert not wrong_ca.tunnel.welcomed and not wrong_name.tunnel.welcomed
+    assert world.relay.tunnels == {}
+
+
+def test_decoder_sees_goaway_on_auth_failure(world, state):
+    token(state)
+    agent = world.agent("a1.wrong", {8080: Target("127.0.0.1", 80)})
+    frames = []
+    original = agent.tunnel.dataReceived
+
+    def spy(data):
+        frames.extend(decoder.feed(data))
+        original(data)
+
+    decoder = FrameDecoder()
+    agent.tunnel.dataReceived = spy
+    agent.flush()
+    goaways = [f for f in frames if isinstance(f, GoAway)]
+    assert goaways and goaways[0].code == ErrorCode.AUTH_FAILED
+
+
+def test_client_without_alpn_is_closed(world, state):
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    class NoALPN:
+        def __init__(self):
+            self._options = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_3)
+            self._options.getContext().set_verify(SSL.VERIFY_PEER, lambda *a: True)
+
+        def clientConnectionForTLS(self, proto):
+            connection = self._options.clientConnectionForTLS(proto)
+            connection.set_connect_state()
+            return connection
+
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+    from zope.interface import directlyProvides
+
+    creator = NoALPN()
+    directlyProvides(creator, IOpenSSLClientConnectionCreator)
+    agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, creator=creator)
+    agent.flush()
+    assert not agent.tunnel.welcomed
+    assert world.relay.tunnels == {}
+
+
+def test_pin_of_a_ca_the_leaf_does_not_chain_to_is_refused(state, tmp_path):
+    """A CA certificate is public: putting it into a chain must not make a foreign leaf pass."""
+    from OpenSSL import crypto
+
+    from relay.tls import parse_pin, pin_matches
+
+    init_state(tmp_path / "evil", ["localhost"])
+    evil = State(tmp_path / "evil")
+    ours_ca = crypto.load_certificate(crypto.FILETYPE_PEM, state.ca_cert_path.read_bytes())
+    ours_leaf = crypto.load_certificate(crypto.FILETYPE_PEM, state.server_cert_path.read_bytes())
+    evil_leaf = crypto.load_certificate(crypto.FILETYPE_PEM, evil.server_cert_path.read_bytes())
+    pin = parse_pin(state.ca_pin())
+    assert pin_matches(pin, [ours_leaf, ours_ca])
+    assert not pin_matches(pin, [evil_leaf, ours_ca])
+    leaf_pin = parse_pin(state.ca_pin())  # sanity: a leaf pin is checked on the leaf itself
+    assert not pin_matches(leaf_pin, [evil_leaf])
