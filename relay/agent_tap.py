@@ -131,7 +131,10 @@ def makeService(config: Options):  # noqa: N802 (twistd's name)
         raise usage.UsageError(str(e)) from None
     proxy = config["proxy-url"]
     if proxy is None and not config["no-proxy"]:
-        proxy = proxy_from_environment(host, port)
+        try:
+            proxy = proxy_from_environment(host, port)
+        except ValueError as e:
+            raise usage.UsageError(f"{e} (or run with --no-proxy)") from None
     timeout = config["connect-timeout"]
     if proxy is not None:
         log.info("reaching the relay through the proxy {proxy}", proxy=str(proxy))
