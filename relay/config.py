@@ -25,7 +25,14 @@ class Option:
 
     @property
     def type_name(self) -> str:
-        return {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of strings"}[self.kind]
+        return {
+            str: "a string",
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            list: "a list of strings",
+            dict: "a table",
+        }[self.kind]
 
 
 def coerce(option: Option, value: Any, where: str) -> Any:
@@ -42,6 +49,7 @@ def coerce(option: Option, value: Any, where: str) -> Any:
         or (kind is float and isinstance(value, int | float) and not isinstance(value, bool))
         or (kind is str and isinstance(value, str))
         or (kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (kind is dict and isinstance(value, dict))
     )
     if not ok:
         raise ConfigError(f"{where}: key '{option.name}' must be {option.type_name}, not {value!r}")

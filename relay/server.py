@@ -11,6 +11,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from . import defaults
+from .access import OPEN, Gate, PortPolicy
+from .logs import ThrottledLog
 from .protocol import ErrorCode, Role, StreamLimitError
 from .state import Agent, State
 from .tunnel import Stream, Tunnel, TunnelSettings
@@ -26,14 +28,24 @@ class RelaySettings:
     max_ports_per_agent: int = defaults.MAX_PORTS_PER_AGENT
     drain_timeout: float = defaults.DRAIN_TIMEOUT
     tunnel: TunnelSettings = field(default_factory=TunnelSettings)
+    port_policies: dict[int | None, PortPolicy] = field(default_factory=dict)  # None: every other port
+
+    def policy_for(self, port: int) -> PortPolicy:
+        return self.port_policies.get(port, self.port_policies.get(None, OPEN))
 
 
 class PublicStream(Stream):
     """A client of a public port; its stream is opened as soon as it connects."""
 
-    def __init__(self, tunnel: RelayTunnel, port: int) -> None:
+    def __init__(self, tunnel: RelayTunnel, port: int, gate: Gate, host: str) -> None:
         super().__init__(tunnel, 0)
         self.public_port = port
+        self.gate = gate
+        self.host = host
+
+    def connectionLost(self, reason=None) -> None:
+        self.gate.release(self.host)
+        super().connectionLost(reason)
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -41,7 +53,8 @@ class PublicStream(Stream):
         try:
             self.stream_id = self.tunnel.session.open_stream(self.public_port, host, peer.port)
         except StreamLimitError as e:
-            self.tunnel.log.warn(
+            self.tunnel.relay.throttled.warn(
+                f"streams:{self.public_port}",
                 "agent {agent}: refusing a client of port {port}: {why}",
                 agent=self.tunnel.agent_name,
                 port=self.public_port,
@@ -60,16 +73,22 @@ class PublicFactory(Factory):
 
     noisy = False  # our own log lines say when a port opens and closes
 
-    def __init__(self, port: int, tunnel: RelayTunnel) -> None:
+    def __init__(self, port: int, tunnel: RelayTunnel, gate: Gate) -> None:
         self.port = port
         self.tunnel = tunnel
+        self.gate = gate
         self.listening = None
 
     def buildProtocol(self, addr):
         tunnel = self.tunnel
         if tunnel is None or not tunnel.connected_tunnel or tunnel.session.going_away:
             return None  # Twisted closes the connection at once
-        return PublicStream(tunnel, self.port)
+        host = getattr(addr, "host", "")
+        why = self.gate.admit(host)
+        if why is not None:
+            tunnel.relay.throttled.warn(f"gate:{self.port}", "public port {port}: refused a client: {why}", port=self.port, why=why)
+            return None
+        return PublicStream(tunnel, self.port, self.gate, host)
 
 
 class RelayTunnel(Tunnel):
@@ -200,6 +219,8 @@ class Relay(service.Service):
         self.public: dict[int, PublicFactory] = {}
         self.unauthenticated = 0
         self.accepting = True
+        self.throttled = ThrottledLog(self.log, reactor.seconds)
+        self.gates: dict[int, Gate] = {}  # per port, kept across agents so caps survive a takeover
 
     def tunnel_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: RelayTunnel(self))
@@ -255,7 +276,10 @@ class Relay(service.Service):
         owned = sum(1 for f in self.public.values() if f.tunnel is tunnel)
         if owned >= self.settings.max_ports_per_agent:
             return f"agent {agent.name} already has {owned} ports, the maximum"
-        factory = PublicFactory(port, tunnel)
+        gate = self.gates.get(port)
+        if gate is None:
+            gate = self.gates[port] = Gate(self.settings.policy_for(port), self.reactor.seconds)
+        factory = PublicFactory(port, tunnel, gate)
         try:
             factory.listening = self.reactor.listenTCP(port, factory, interface=self.settings.public_interface)
         except error.CannotListenError as e:

@@ -16,6 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from . import defaults
+from .access import parse_policies
 from .config import ConfigError, Option, merge
 from .server import Relay, RelaySettings
 from .state import State, StateError, init_state
@@ -41,6 +42,7 @@ OPTIONS = {
         Option("max-streams", int, "concurrent streams per tunnel", defaults.MAX_STREAMS),
         Option("window-budget", int, "bytes per tunnel that stream windows may grow by", defaults.WINDOW_BUDGET),
         Option("drain-timeout", float, "seconds open streams may drain on SIGTERM", defaults.DRAIN_TIMEOUT),
+        Option("ports", dict, "config file only: [ports.N] / [ports.default] access control tables", {}),
     ]
 }
 
@@ -51,12 +53,15 @@ class Options(usage.Options):
         "Public relay: agents dial in over TLS (ALPN relay/1) and the relay listens on public "
         "ports for them. With no options: state in ./relay-state (created on first run), tunnel on tcp:7835."
     )
-    optParameters = [[o.name, None, None, f"{o.help} (default: {o.default!r})"] for o in OPTIONS.values()]
+    optParameters = [
+        [o.name, None, None, f"{o.help} (default: {o.default!r})"] for o in OPTIONS.values() if o.kind is not dict
+    ]
 
     def postOptions(self) -> None:
         try:
             self.update(merge(self, OPTIONS))
-        except ConfigError as e:
+            self["port-policies"] = parse_policies(self["ports"], f"config file {self['config']}")
+        except (ConfigError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
 
 
@@ -86,6 +91,7 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
         max_agents=config["max-agents"],
         max_ports_per_agent=config["max-ports-per-agent"],
         drain_timeout=config["drain-timeout"],
+        port_policies=config["port-policies"],
         tunnel=TunnelSettings(
             heartbeat_interval=config["heartbeat-interval"],
             dead_after=config["dead-after"],

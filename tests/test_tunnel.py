@@ -4,150 +4,25 @@ fake sockets for public clients and targets. No sockets, no sleeps."""
 from __future__ import annotations
 
 import pytest
-from twisted.internet import defer, error
-from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from relay import defaults
-from relay.agent import AgentService, AgentSettings, AgentTunnel, Target
+from relay.agent import Target
 from relay.protocol import ErrorCode
 from relay.protocol.frames import HEADER, FrameDecoder, GoAway
-from relay.server import Relay, RelaySettings
-from relay.state import PortSet, State, init_state
-from relay.tls import PinnedClientOptions, client_options_for_ca, server_options
+from relay.server import RelaySettings
+from relay.state import State, init_state
+from relay.tls import PinnedClientOptions, client_options_for_ca
 from relay.tunnel import TunnelSettings
 
-CLIENT = IPv4Address("TCP", "203.0.113.7", 40000)
-
-
-class FakeSocket(StringTransport):
-    """A TCP transport that remembers half-close and abort."""
-
-    def __init__(self, peer=CLIENT):
-        super().__init__(peerAddress=peer)
-        self.write_closed = False
-        self.aborted = False
-
-    def loseWriteConnection(self):
-        self.write_closed = True
-
-    def abortConnection(self):
-        self.aborted = True
-        self.disconnecting = True
-
-
-class FakeTargets:
-    """The agent's view of its inside targets: every connect is recorded and answered by the test."""
-
-    def __init__(self):
-        self.connects: list[tuple[Target, defer.Deferred, Factory]] = []
-
-    def endpoint(self, target):
-        targets = self
-
-        class _Endpoint:
-            def connect(self, factory):
-                d = defer.Deferred()
-                targets.connects.append((target, d, factory))
-                return d
-
-        return _Endpoint()
-
-    def succeed(self, index=-1):
-        target, d, factory = self.connects[index]
-        proto = factory.buildProtocol(None)
-        sock = FakeSocket()
-        proto.makeConnection(sock)
-        d.callback(proto)
-        return proto, sock
-
-
-@pytest.fixture
-def state(tmp_path):
-    init_state(tmp_path / "st", ["localhost"])
-    return State(tmp_path / "st")
-
-
-class World:
-    """One relay, any number of agents, all on one clock."""
-
-    def __init__(self, state, relay_settings=None):
-        self.clock = MemoryReactorClock()
-        self.state = state
-        self.relay = Relay(self.clock, state, relay_settings or RelaySettings(tunnel_port=7835))
-        self.server_tls = TLSMemoryBIOFactory(
-            server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path),
-            False,
-            self.relay.tunnel_factory(),
-            clock=self.clock,
-        )
-
-    def agent(self, token, expose, creator=None, tunnel=None):
-        settings = AgentSettings(token=token, expose=expose, tunnel=tunnel or TunnelSettings())
-        service = AgentService(self.clock, None, settings, relay_name="localhost:7835")
-        targets = FakeTargets()
-        service.target_endpoint = targets.endpoint
-        creator = creator or client_options_for_ca("localhost", self.state.ca_cert_path)
-        client_tls = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: AgentTunnel(service)), clock=self.clock)
-        server = self.server_tls.buildProtocol(None)
-        client = client_tls.buildProtocol(None)
-        agent = Agent(service, client, server, targets)
-        agent.pump = iosim.connect(
-            server,
-            iosim.FakeTransport(server, True, peerAddress=IPv4Address("TCP", "198.51.100.1", 5000)),
-            client,
-            iosim.FakeTransport(client, False),
-            greet=False,
-            clock=self.clock,
-        )
-        return agent
-
-    def public_client(self, port, peer=CLIENT):
-        proto = self.relay.public[port].buildProtocol(peer)
-        sock = FakeSocket(peer)
-        proto.makeConnection(sock)
-        return proto, sock
-
-
-class Agent:
-    def __init__(self, service, client, server, targets):
-        self.service = service
-        self.tls = client
-        self.tunnel: AgentTunnel = client.wrappedProtocol  # iosim drops it once the connection is lost
-        self.relay_tunnel = server.wrappedProtocol
-        self.pump: iosim.IOPump | None = None
-        self.targets = targets
-
-    def flush(self):
-        self.pump.flush()
+from .inmemory import World, stream, token, up
 
 
 @pytest.fixture
 def world(state):
     return World(state)
-
-
-def token(state, name="a1", ports="8080,9000-9001"):
-    return state.issue_token(name, PortSet.parse(ports) if ports else None)
-
-
-def up(world, state, expose=None, name="a1", ports="8080,9000-9001"):
-    agent = world.agent(token(state, name, ports), expose or {8080: Target("127.0.0.1", 80)})
-    agent.flush()
-    return agent
-
-
-def stream(world, agent, port=8080):
-    """A public client connected through to an accepted target."""
-    client, client_sock = world.public_client(port)
-    agent.flush()
-    target, target_sock = agent.targets.succeed()
-    agent.flush()
-    return client, client_sock, target, target_sock
 
 
 # --- authentication and ports --------------------------------------------------------
@@ -178,11 +53,15 @@ def test_refused_port_alone_is_refused_and_asked_again(world, state):
     assert sorted(world.relay.public) == [8080]
     retry = [c for c in world.clock.getDelayedCalls() if c.func == agent.tunnel._ask_again]
     assert len(retry) == 1 and retry[0].args == (7000,)
-    # The port is allowed later (rotation with more ports); the retry then succeeds.
-    state.issue_token("a1", PortSet.parse("7000,8080"))  # the live tunnel keeps its Agent record
+    # Asked again after the delay, refused again: the next try backs off further.
+    first_at = retry[0].getTime()
     world.clock.advance(defaults.LISTEN_RETRY_INITIAL + 1)
     agent.flush()
-    assert sorted(world.relay.public) == [8080]  # still refused: the tunnel's grant is fixed at hello
+    again = [c for c in world.clock.getDelayedCalls() if c.func == agent.tunnel._ask_again]
+    assert len(again) == 1 and again[0].args == (7000,)
+    assert again[0].getTime() - world.clock.seconds() >= defaults.LISTEN_RETRY_INITIAL  # upper half of 2x
+    assert again[0].getTime() > first_at
+    assert sorted(world.relay.public) == [8080]  # 8080 kept serving throughout
 
 
 def test_tunnel_port_and_privileged_ports_are_refused(world, state):

@@ -1,0 +1,134 @@
+"""In-memory harness: one relay and its agents over real TLS through iosim, on one hand-advanced
+clock, with fake sockets for public clients and targets. No sockets, no sleeps."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
+
+from relay.agent import AgentService, AgentSettings, AgentTunnel, Target
+from relay.server import Relay, RelaySettings
+from relay.state import PortSet
+from relay.tls import client_options_for_ca, server_options
+from relay.tunnel import TunnelSettings
+
+CLIENT = IPv4Address("TCP", "203.0.113.7", 40000)
+
+
+class FakeSocket(StringTransport):
+    """A TCP transport that remembers half-close and abort."""
+
+    def __init__(self, peer=CLIENT):
+        super().__init__(peerAddress=peer)
+        self.write_closed = False
+        self.aborted = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+    def abortConnection(self):
+        self.aborted = True
+        self.disconnecting = True
+
+
+class FakeTargets:
+    """The agent's view of its inside targets: every connect is recorded and answered by the test."""
+
+    def __init__(self):
+        self.connects: list[tuple[Target, defer.Deferred, Factory]] = []
+
+    def endpoint(self, target):
+        targets = self
+
+        class _Endpoint:
+            def connect(self, factory):
+                d = defer.Deferred()
+                targets.connects.append((target, d, factory))
+                return d
+
+        return _Endpoint()
+
+    def succeed(self, index=-1):
+        target, d, factory = self.connects[index]
+        proto = factory.buildProtocol(None)
+        sock = FakeSocket()
+        proto.makeConnection(sock)
+        d.callback(proto)
+        return proto, sock
+
+
+class World:
+    """One relay, any number of agents, all on one clock."""
+
+    def __init__(self, state, relay_settings=None):
+        self.clock = MemoryReactorClock()
+        self.state = state
+        self.relay = Relay(self.clock, state, relay_settings or RelaySettings(tunnel_port=7835))
+        self.server_tls = TLSMemoryBIOFactory(
+            server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path),
+            False,
+            self.relay.tunnel_factory(),
+            clock=self.clock,
+        )
+
+    def agent(self, token, expose, creator=None, tunnel=None):
+        settings = AgentSettings(token=token, expose=expose, tunnel=tunnel or TunnelSettings())
+        service = AgentService(self.clock, None, settings, relay_name="localhost:7835")
+        targets = FakeTargets()
+        service.target_endpoint = targets.endpoint
+        creator = creator or client_options_for_ca("localhost", self.state.ca_cert_path)
+        client_tls = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: AgentTunnel(service)), clock=self.clock)
+        server = self.server_tls.buildProtocol(None)
+        client = client_tls.buildProtocol(None)
+        agent = Agent(service, client, server, targets)
+        agent.pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, True, peerAddress=IPv4Address("TCP", "198.51.100.1", 5000)),
+            client,
+            iosim.FakeTransport(client, False),
+            greet=False,
+            clock=self.clock,
+        )
+        return agent
+
+    def public_client(self, port, peer=CLIENT):
+        proto = self.relay.public[port].buildProtocol(peer)
+        sock = FakeSocket(peer)
+        proto.makeConnection(sock)
+        return proto, sock
+
+
+class Agent:
+    def __init__(self, service, client, server, targets):
+        self.service = service
+        self.tls = client
+        self.tunnel: AgentTunnel = client.wrappedProtocol  # iosim drops it once the connection is lost
+        self.relay_tunnel = server.wrappedProtocol
+        self.pump: iosim.IOPump | None = None
+        self.targets = targets
+
+    def flush(self):
+        self.pump.flush()
+
+
+def token(state, name="a1", ports="8080,9000-9001"):
+    return state.issue_token(name, PortSet.parse(ports) if ports else None)
+
+
+def up(world, state, expose=None, name="a1", ports="8080,9000-9001"):
+    agent = world.agent(token(state, name, ports), expose or {8080: Target("127.0.0.1", 80)})
+    agent.flush()
+    return agent
+
+
+def stream(world, agent, port=8080):
+    """A public client connected through to an accepted target."""
+    client, client_sock = world.public_client(port)
+    agent.flush()
+    target, target_sock = agent.targets.succeed()
+    agent.flush()
+    return client, client_sock, target, target_sock
