@@ -325,7 +325,8 @@ class Session:
     def _stream_for(self, stream_id: int) -> _Stream | None:
         """The live stream, or None for one that is already closed; ProtocolError if never opened."""
         stream = self._streams.get(stream_id)
-        if stream is None and stream_id > self._last_stream_id:
+        # Stream ids are odd: an even one was never opened either.
+        if stream is None and (stream_id > self._last_stream_id or stream_id % 2 == 0):
             raise ProtocolError(f"frame for stream {stream_id}, which was never opened")
         return stream
 
