@@ -18,6 +18,7 @@ from .tls import (
     TLSConfigError,
     client_options_for_ca,
     client_options_for_system_trust,
+    load_client_certificate,
     parse_pin,
 )
 from .tunnel import TunnelSettings
@@ -30,6 +31,7 @@ OPTIONS = {
         Option("relay", str, "HOST:PORT of the relay ([v6]:PORT)"),
         Option("token", str, "agent token (visible to local users in argv: prefer --token-file or $RELAY_TOKEN)"),
         Option("token-file", str, "file holding the agent token"),
+        Option("cert", str, "PEM file with this agent's key and client certificate (from `relay agent-cert`), instead of a token"),
         Option("ca", str, "trust this CA certificate and check the relay's hostname"),
         Option("pin", str, "accept the relay whose certificate or CA has this sha256:HEX"),
         Option("proxy", str, "socks5://, socks4a://, socks4:// or http:// proxy to reach the relay"),
@@ -45,7 +47,7 @@ OPTIONS = {
 
 
 class Options(usage.Options):
-    synopsis = "--relay HOST:PORT (--token-file F | $RELAY_TOKEN | --token T) --expose PUBLIC=HOST:PORT [options]"
+    synopsis = "--relay HOST:PORT (--token-file F | $RELAY_TOKEN | --token T | --cert F) --expose PUBLIC=HOST:PORT [options]"
     longdesc = "Inside agent: dials out to a relay over one TLS connection and serves the ports it exposes."
     optFlags = [["no-proxy", None, OPTIONS["no-proxy"].help]]
     optParameters = [
@@ -81,7 +83,18 @@ class Options(usage.Options):
             self["proxy-url"] = parse_proxy_url(self["proxy"]) if self["proxy"] else None
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        self["token-value"] = read_token(self["token"], self["token-file"], os.environ)
+        self["client-certificate"] = None
+        if self["cert"]:
+            # The relay authenticates by the certificate when one is presented, so a token
+            # would only be one more secret to leak.
+            if self["token"] or self["token-file"]:
+                raise usage.UsageError("give --cert or a token (--token-file, --token), not both")
+            if os.environ.get("RELAY_TOKEN"):
+                log.info("--cert is given: ignoring $RELAY_TOKEN")
+            self["client-certificate"] = read_client_certificate(self["cert"])
+            self["token-value"] = None
+        else:
+            self["token-value"] = read_token(self["token"], self["token-file"], os.environ)
 
 
 def parse_exposes(specs: list[str]) -> dict[int, Target]:
@@ -97,7 +110,21 @@ def parse_exposes(specs: list[str]) -> dict[int, Target]:
     return targets
 
 
+def read_client_certificate(cert_file: str):
+    """The key and certificate of --cert FILE, checked now so that a bad file stops startup."""
+    try:
+        certificate = load_client_certificate(Path(cert_file))
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    if Path(cert_file).stat().st_mode & 0o077:
+        log.warn("certificate file {file} (it holds the private key) is readable by other users; chmod 600 it", file=cert_file)
+    return certificate
+
+
 def read_token(token: str | None, token_file: str | None, env) -> str:
+    """The token from --token-file, --token or $RELAY_TOKEN (in that order); UsageError if none.
+
+    Not called with --cert: a certificate agent needs no token."""
     if token_file:
         path = Path(token_file)
         try:
@@ -112,7 +139,7 @@ def read_token(token: str | None, token_file: str | None, env) -> str:
     else:
         value = env.get("RELAY_TOKEN", "")
     if not value:
-        raise usage.UsageError("no token: give --token-file FILE, set $RELAY_TOKEN, or --token")
+        raise usage.UsageError("no credential: give --token-file FILE, set $RELAY_TOKEN, --token, or --cert FILE")
     return value
 
 
@@ -120,13 +147,14 @@ def makeService(config: Options):  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
 
     host, port = config["relay-address"]
+    client_certificate = config["client-certificate"]
     try:
         if config["pin"]:
-            creator = PinnedClientOptions(host, config["pin"])
+            creator = PinnedClientOptions(host, config["pin"], client_certificate)
         elif config["ca"]:
-            creator = client_options_for_ca(host, Path(config["ca"]))
+            creator = client_options_for_ca(host, Path(config["ca"]), client_certificate)
         else:
-            creator = client_options_for_system_trust(host)
+            creator = client_options_for_system_trust(host, client_certificate)
     except TLSConfigError as e:
         raise usage.UsageError(str(e)) from None
     proxy = config["proxy-url"]

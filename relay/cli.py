@@ -1,4 +1,5 @@
-"""The `relay` console script: `relay init` and `relay agent-token` manage the state dir.
+"""The `relay` console script: `relay init`, `relay agent-token`, `relay agent-cert` and
+`relay agent-revoke` manage the state dir.
 
 Exit codes: 0 success, 2 usage error, 1 runtime error; every error is one stderr
 line, "relay ...: error: ...", that says what to do.
@@ -7,6 +8,7 @@ line, "relay ...: error: ...", that says what to do.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -14,15 +16,19 @@ from typing import NoReturn
 
 from relay import defaults
 from relay.state import (
+    CERTIFICATE,
+    TOKEN,
     PortSet,
     State,
     StateError,
     init_state,
     validate_agent_name,
     validate_hostname,
+    write_private_file,
 )
 
 _LOW, _HIGH = defaults.AGENT_PORT_RANGE
+_POLL = 2.0  # relay.server.CREDENTIAL_POLL_INTERVAL, not imported: it would pull in Twisted
 _ANY_PORT = f"any port {_LOW}-{_HIGH} but the relay's own"
 
 
@@ -49,7 +55,7 @@ def _checked(validate: Callable[[str], object]) -> Callable[[str], object]:
 def _parser() -> _Parser:
     parser = _Parser(
         prog="relay",
-        description="Manage a relay's state dir: its CA, server certificate and agent tokens.",
+        description="Manage a relay's state dir: its CA, server certificate and agent credentials.",
         epilog="Run the relay itself with `twistd -n relay-server`.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,6 +98,47 @@ def _parser() -> _Parser:
         "name", metavar="NAME", type=_checked(validate_agent_name), help="the agent's name"
     )
     token.set_defaults(run=_agent_token)
+
+    cert = commands.add_parser(
+        "agent-cert",
+        help="issue an agent's client certificate",
+        description="Issue agent NAME a new EC P-256 key and a client certificate signed by "
+        "the relay's CA (valid for a year), write both to FILE (mode 0600) and record the "
+        "certificate as the agent's one valid certificate: a previous one stops working, a "
+        "token of the agent stays valid. Needs DIR/ca.key. Run the agent with --cert FILE.",
+    )
+    cert.add_argument("--state", metavar="DIR", default=defaults.STATE_DIR, help=state_help)
+    cert.add_argument(
+        "--ports",
+        metavar="SPEC",
+        type=_checked(PortSet.parse),
+        help="ports and ranges this agent may have the relay listen on, e.g. 8080,2000-2007 "
+        f"(default: {_ANY_PORT}); replaces the ports of an existing agent",
+    )
+    cert.add_argument(
+        "--out",
+        metavar="FILE",
+        required=True,
+        help="where to write the key and certificate (PEM, mode 0600)",
+    )
+    cert.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    cert.add_argument(
+        "name", metavar="NAME", type=_checked(validate_agent_name), help="the agent's name"
+    )
+    cert.set_defaults(run=_agent_cert)
+
+    revoke = commands.add_parser(
+        "agent-revoke",
+        help="remove an agent and all its credentials",
+        description="Remove agent NAME with its token and its client certificate. A running "
+        f"relay closes the agent's tunnel and frees its ports within {_POLL:g} s (at once on "
+        "SIGHUP).",
+    )
+    revoke.add_argument("--state", metavar="DIR", default=defaults.STATE_DIR, help=state_help)
+    revoke.add_argument(
+        "name", metavar="NAME", type=_checked(validate_agent_name), help="the agent's name"
+    )
+    revoke.set_defaults(run=_agent_revoke)
     return parser
 
 
@@ -122,6 +169,61 @@ def _agent_token(args: argparse.Namespace) -> None:
         f"relay agent-token: agent {args.name!r} {what}, ports: {ports}. The token is shown "
         "only once: save it to a file (mode 0600) and start the agent with --token-file FILE.",
         file=sys.stderr,
+    )
+
+
+def _agent_cert(args: argparse.Namespace) -> None:
+    state = State(args.state)
+    out = args.out
+    if not args.force and os.path.lexists(out):
+        raise StateError(f"{out} exists; give another --out, or --force to replace it")
+    had = state.credentials(args.name)
+    issued = state.issue_certificate(args.name, args.ports)
+    try:
+        write_private_file(out, issued.pem, overwrite=args.force)
+    except FileExistsError:  # created since the check above
+        raise StateError(f"{out} exists; give another --out, or --force to replace it") from None
+    except OSError as exc:
+        raise StateError(
+            f"cannot write --out {out}: {exc.strerror or exc}; check the path and its permissions"
+        ) from None
+    state.record_certificate(args.name, issued, args.ports)
+    if CERTIFICATE in had:
+        what = "re-issued (its previous certificate no longer works)"
+    elif had:
+        what = "given a certificate"
+    else:
+        what = "created"
+    print(f"relay agent-cert: agent {args.name!r} {what}, ports: {args.ports or _ANY_PORT}.")
+    if TOKEN in had:
+        print(
+            "Its token stays valid too; `relay agent-revoke` removes both, `relay agent-token` "
+            "rotates the token."
+        )
+    print(f"Key and certificate: {out} (mode 0600; it is the agent's secret)")
+    print(f"Certificate: {issued.fingerprint}, valid until {issued.not_after:%Y-%m-%d %H:%M} UTC")
+    print(
+        f"Copy {out} and {state.ca_cert_path} to the inside host and run: twistd -n relay-agent "
+        f"--relay HOST:PORT --cert {shlex.quote(os.path.basename(out))} --ca ca.pem "
+        "--expose PUBLIC=HOST:PORT"
+    )
+
+
+def _agent_revoke(args: argparse.Namespace) -> None:
+    state = State(args.state)
+    try:
+        revoked = state.revoke(args.name)
+    except KeyError:
+        known = ", ".join(sorted(state.agents())) or "none"
+        raise StateError(
+            f"no agent {args.name!r} in {state.agents_path} (known agents: {known}); "
+            "check the name and --state"
+        ) from None
+    kinds = [k for k, had in (("token", revoked.token), ("certificate", revoked.certificate)) if had]
+    print(
+        f"relay agent-revoke: agent {args.name!r} removed with its {' and '.join(kinds)}. A "
+        f"running relay closes its tunnel and frees its ports within {_POLL:g} s (at once "
+        "after `kill -HUP` of the relay)."
     )
 
 

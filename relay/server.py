@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives import serialization
 from twisted.application import service
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -14,8 +15,11 @@ from . import defaults
 from .access import OPEN, Gate, PortPolicy
 from .logs import ThrottledLog
 from .protocol import ErrorCode, Role, StreamLimitError
-from .state import Agent, State
+from .state import CERTIFICATE, Agent, Credential, State, StateError
 from .tunnel import Stream, Tunnel, TunnelSettings
+
+# How often the relay looks at agents.json for revoked or rotated credentials (SIGHUP: at once).
+CREDENTIAL_POLL_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class RelayTunnel(Tunnel):
         super().__init__(relay.reactor, relay.settings.tunnel)
         self.relay = relay
         self.agent: Agent | None = None
+        self.credential: Credential | None = None  # what it authenticated with, for revocation
         self._handshake_timer = None
         self._counted = False
 
@@ -158,22 +163,57 @@ class RelayTunnel(Tunnel):
             self.log.info("agent {agent}: ignoring control message {kind!r}", agent=self.agent_name, kind=kind)
 
     def _hello(self, message: dict) -> None:
-        token = message.get("token")
-        agent = self.relay.state.authenticate(token) if isinstance(token, str) else None
-        if agent is None:
-            self.log.warn("tunnel {peer}: authentication failed (bad or unknown token)", peer=self.peer)
-            self.close(ErrorCode.AUTH_FAILED, "authentication failed: the token is not valid on this relay")
+        try:
+            found, failure = self._authenticate(message)
+        except StateError as e:
+            self.log.error("tunnel {peer}: cannot check its credential: {why}", peer=self.peer, why=str(e))
+            self.close(ErrorCode.INTERNAL_ERROR, "the relay cannot check credentials now; try again later")
             return
+        if found is None:
+            self.log.warn("tunnel {peer}: authentication failed ({why})", peer=self.peer, why=failure)
+            self.close(ErrorCode.AUTH_FAILED, f"authentication failed: {failure}")
+            return
+        agent, credential = found
         if message.get("version") != 1:
             self.close(ErrorCode.PROTOCOL_ERROR, f"unsupported hello version {message.get('version')!r}")
             return
         if not self.relay.attach(self, agent):
             return
         self.agent = agent
+        self.credential = credential
         self._authenticated()
-        self.log.info("agent {agent} connected from {peer}", agent=agent.name, peer=self.peer)
+        self.log.info(
+            "agent {agent} connected from {peer} (authenticated by {method})",
+            agent=agent.name,
+            peer=self.peer,
+            method=credential.method,
+        )
         self.session.send_control({"type": "welcome", "agent": agent.name})
         self._listen(message.get("ports"))
+
+    def _authenticate(self, message: dict) -> tuple[tuple[Agent, Credential] | None, str]:
+        """(agent, credential), or None and why not (never quoting the token).
+
+        A client certificate, if the agent presented one (TLS already checked that it
+        chains to our CA), decides alone: it must be the agent's current one, and a token
+        in the same hello is ignored. Without one, the hello's token decides.
+        """
+        state = self.relay.state
+        peer_certificate = getattr(self.transport, "getPeerCertificate", lambda: None)()
+        if peer_certificate is not None:
+            cert = peer_certificate.to_cryptography()
+            found = state.verify_certificate(cert.public_bytes(serialization.Encoding.DER))
+            if found is None:
+                subject = cert.subject.rfc4514_string()
+                return None, f"the client certificate ({subject}) is not an agent's current certificate on this relay (replaced or revoked?)"
+            return found, ""
+        token = message.get("token")
+        if token is None:
+            return None, "no client certificate and no token"
+        found = state.verify_token(token) if isinstance(token, str) else None
+        if found is None:
+            return None, "the token is not valid on this relay"
+        return found, ""
 
     def _listen(self, ports) -> None:
         if not isinstance(ports, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
@@ -221,6 +261,19 @@ class Relay(service.Service):
         self.accepting = True
         self.throttled = ThrottledLog(self.log, reactor.seconds)
         self.gates: dict[int, Gate] = {}  # per port, kept across agents so caps survive a takeover
+        self._credential_watch: task.LoopingCall | None = None  # see watch_credentials
+        self._credentials_seen: int | None = None
+        self._credentials_error: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.watch_credentials()
+
+    def stopService(self):
+        if self._credential_watch is not None and self._credential_watch.running:
+            self._credential_watch.stop()
+        self._credential_watch = None
+        return super().stopService()
 
     def tunnel_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: RelayTunnel(self))
@@ -252,6 +305,54 @@ class Relay(service.Service):
             del self.tunnels[tunnel.agent_name]
             self.log.info("agent {agent} disconnected", agent=tunnel.agent_name)
         self.release_ports(tunnel)
+
+    # revocation
+
+    def watch_credentials(self, interval: float = CREDENTIAL_POLL_INTERVAL) -> None:
+        """Check agents.json every INTERVAL seconds (a stat; it is re-read only when it changed)."""
+        if self._credential_watch is not None:
+            return
+        self._credentials_seen = None  # the first poll checks every tunnel
+        self._credential_watch = task.LoopingCall(self.check_credentials)
+        self._credential_watch.clock = self.reactor
+        self._credential_watch.start(interval, now=False)
+
+    def check_credentials(self, force: bool = False) -> None:
+        """Close the tunnel of every agent whose credential was rotated, replaced or revoked
+        since it authenticated, and release its public ports. Tunnels whose credential is
+        still valid carry on unchanged, ports included, even if agents.json now grants
+        other ports: those apply from the agent's next hello. FORCE (SIGHUP) re-reads
+        agents.json even if its stat looks unchanged, and checks every tunnel."""
+        try:
+            self._check_credentials(force)
+        except StateError as e:
+            if str(e) != self._credentials_error:  # once per problem, not every poll
+                self.log.error("cannot re-read the agents' credentials, keeping the tunnels as they are: {why}", why=str(e))
+            self._credentials_error = str(e)
+        except Exception:  # an exception would stop the LoopingCall for good
+            self.log.failure("checking the agents' credentials failed")
+
+    def _check_credentials(self, force: bool) -> None:
+        generation = self.state.refresh(force=force)
+        self._credentials_error = None
+        if generation == self._credentials_seen and not force:
+            return
+        for tunnel in list(self.tunnels.values()):
+            credential = tunnel.credential
+            if credential is None or self.state.still_valid(tunnel.agent_name, credential):
+                continue
+            what = "client certificate" if credential.method == CERTIFICATE else "token"
+            self.log.warn(
+                "agent {agent}: its {what} was revoked or replaced; closing its tunnel from {peer}",
+                agent=tunnel.agent_name,
+                what=what,
+                peer=tunnel.peer,
+            )
+            if self.tunnels.get(tunnel.agent_name) is tunnel:
+                del self.tunnels[tunnel.agent_name]
+            self.release_ports(tunnel)
+            tunnel.close(ErrorCode.AUTH_FAILED, "credential revoked")
+        self._credentials_seen = generation
 
     # public ports
 

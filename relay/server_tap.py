@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import signal
 import socket
 from pathlib import Path
 
@@ -106,11 +107,26 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
     except (ValueError, TypeError) as e:
         raise usage.UsageError(f"--tunnel {config['tunnel']!r} is not a server endpoint ({e}); try tcp:7835") from None
     top = RelayService(relay)
+    relay.setServiceParent(top)  # its start/stop runs the agents.json watcher (revocation)
+    _reload_on_sighup(reactor, relay)
     listener = StreamServerEndpointService(endpoint, TLSMemoryBIOFactory(tls, False, relay.tunnel_factory()))
     listener._raiseSynchronously = True  # a taken tunnel port must stop startup, not just log
     listener.setServiceParent(top)
     _first_run_hint(state, config["tunnel"])
     return top
+
+
+def _reload_on_sighup(reactor, relay: Relay) -> None:
+    """`kill -HUP`: re-read agents.json now and close tunnels whose credential was revoked
+    (the relay also notices within its 2 s poll; this is for scripts that want it at once)."""
+
+    def on_sighup(signum, frame) -> None:
+        reactor.callFromThread(relay.check_credentials, force=True)
+
+    try:
+        signal.signal(signal.SIGHUP, on_sighup)
+    except (ValueError, AttributeError):  # not the main thread (some tests), or no SIGHUP here
+        pass
 
 
 def _open_state(path: Path) -> State:

@@ -1,16 +1,22 @@
 """The relay's state directory: its CA, its server certificate and its agents' credentials.
 
-`relay init` creates it (init_state), `relay agent-token` adds agents to it and the
-running relay reads it (State). Layout of DIR (mode 0700):
+`relay init` creates it (init_state), `relay agent-token` and `relay agent-cert` add agents
+to it, `relay agent-revoke` removes them, and the running relay reads it (State). Layout of
+DIR (mode 0700):
 
-    ca.pem, ca.key          the CA agents trust (--ca DIR/ca.pem or --pin sha256:...)
+    ca.pem, ca.key          the CA agents trust (--ca DIR/ca.pem or --pin sha256:...); it
+                            also signs agent client certificates
     server.pem, server.key  the relay's TLS certificate, signed by the CA
-    agents.json             per agent: SHA-256 of its secret and the ports it may use
+    agents.json             per agent: the ports it may use, and its credentials: the
+                            SHA-256 of its token's secret and/or of its current client
+                            certificate's DER bytes
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -22,7 +28,7 @@ import shlex
 import socket
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -46,6 +52,11 @@ _SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 # Compared against when the agent name is unknown, so that answering "no" takes as
 # long for an unknown name as for a wrong secret.
 _NO_SUCH_AGENT = "0" * 64
+AGENT_CERT_VALIDITY_DAYS = 365
+
+# How an agent proved who it is (Credential.method).
+TOKEN = "token"
+CERTIFICATE = "certificate"
 
 
 class StateError(Exception):
@@ -103,6 +114,50 @@ class Agent:
 
     name: str
     ports: PortSet | None
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a tunnel authenticated with: TOKEN or CERTIFICATE, and the SHA-256 (hex) that
+    agents.json holds for it. The relay keeps it to notice rotation and revocation."""
+
+    method: str
+    digest: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One agent in agents.json: at least one of the two digests is set."""
+
+    agent: Agent
+    secret_sha256: str | None = field(default=None, repr=False)
+    cert_sha256: str | None = None
+
+    def to_json(self) -> dict:
+        entry: dict = {"ports": _ports_text(self.agent.ports)}
+        if self.secret_sha256 is not None:
+            entry["secret_sha256"] = self.secret_sha256
+        if self.cert_sha256 is not None:
+            entry["cert_sha256"] = self.cert_sha256
+        return entry
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """What `State.revoke` removed."""
+
+    name: str
+    token: bool
+    certificate: bool
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A new agent certificate: the PEM (key, then certificate) to hand to the agent."""
+
+    pem: bytes = field(repr=False)
+    fingerprint: str  # "sha256:<hex>" of the certificate's DER, as cert_pin() prints it
+    not_after: datetime.datetime
 
 
 def validate_agent_name(name: str) -> str:
@@ -334,11 +389,13 @@ def _public_der(key_or_cert: ec.EllipticCurvePrivateKey | x509.Certificate) -> b
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int, overwrite: bool = True) -> None:
     """Replace PATH with DATA so that readers see the old or the new file, never a part.
 
     mkstemp creates the file 0600 (os.open with O_EXCL), so a key is never readable
     by others, not even for a moment; MODE may only widen that, for certificates.
+    With overwrite=False an existing PATH is left alone (FileExistsError), decided
+    atomically by link(2) where the file system has hard links.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -347,21 +404,43 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # still there unless it was renamed into place
+
+
+def write_private_file(
+    path: str | os.PathLike, data: bytes, overwrite: bool = False
+) -> None:
+    """Write DATA to PATH atomically, mode 0600; FileExistsError if it exists and not OVERWRITE."""
+    _write_atomic(Path(path), data, 0o600, overwrite=overwrite)
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # EEXIST if PATH exists, with no window for a race
+    except FileExistsError:
         raise
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
 
 
 class State:
-    """An initialised state dir, as the running relay and `relay agent-token` use it."""
+    """An initialised state dir, as the running relay and the `relay` agent commands use it."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.ca_cert_path = self.path / CA_CERT
+        self.ca_key_path = self.path / CA_KEY
         self.server_cert_path = self.path / SERVER_CERT
         self.server_key_path = self.path / SERVER_KEY
-        self._agents_path = self.path / AGENTS_FILE
+        self.agents_path = self._agents_path = self.path / AGENTS_FILE
         init_hint = f"run `{_init_command(path)}`"
         if not self.path.is_dir():
             raise StateError(f"state dir {path} does not exist; {init_hint} first")
@@ -373,7 +452,10 @@ class State:
                 f"state dir {path} is incomplete (no {', '.join(missing)}); {init_hint} to complete it"
             )
         self._agents_stamp: tuple[int, ...] | None = None
-        self._agents: dict[str, tuple[str, Agent]] = {}
+        self._agents: dict[str, _Record] = {}
+        # Bumped whenever agents.json is (re-)read with other contents: the relay's
+        # revocation watcher compares it, however the re-read was triggered.
+        self.generation = 0
 
     def server_hostnames(self) -> list[str]:
         """The DNS names and IP addresses the server certificate is valid for."""
@@ -385,21 +467,106 @@ class State:
         """The pin agents may use instead of --ca: "sha256:<hex of the CA's DER>"."""
         return cert_pin(self.ca_cert_path.read_bytes())
 
+    # issuing and revoking (the `relay` commands)
+
     def issue_token(self, name: str, ports: PortSet | None = None) -> str:
         """Create agent NAME, or rotate its secret and ports; return its new token.
 
         Only a hash of the secret is stored, so this is the one time it can be shown.
+        An existing client certificate of the agent stays valid.
         """
         validate_agent_name(name)
         secret = secrets.token_urlsafe(32)
-        entries = {
-            n: {"secret_sha256": digest, "ports": _ports_text(agent.ports)}
-            for n, (digest, agent) in self._current_agents().items()
-        }
-        entries[name] = {"secret_sha256": _secret_hash(secret), "ports": _ports_text(ports)}
-        data = json.dumps({"agents": entries}, indent=2, sort_keys=True) + "\n"
-        _write_atomic(self._agents_path, data.encode(), 0o600)
+        records = dict(self._current_agents())
+        old = records.get(name)
+        records[name] = _Record(
+            Agent(name, ports),
+            secret_sha256=_secret_hash(secret),
+            cert_sha256=old.cert_sha256 if old else None,
+        )
+        self._write_agents(records)
         return f"{name}.{secret}"
+
+    def issue_certificate(self, name: str, ports: PortSet | None = None) -> IssuedCertificate:
+        """A new EC P-256 key and client certificate for agent NAME, signed by the CA.
+
+        Does not record it: call record_certificate() once the PEM is safely written,
+        so that a failed write does not revoke the certificate the agent has now.
+        """
+        validate_agent_name(name)
+        ca_cert = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+        try:
+            ca_key = _load_key(self.ca_key_path)
+        except FileNotFoundError:
+            raise StateError(
+                f"{self.ca_key_path} is missing; agent certificates are signed with the CA "
+                "key: put it back for this command (it may stay offline otherwise)"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise StateError(f"{self.ca_key_path} is not a readable EC key ({exc})") from exc
+        if _public_der(ca_key) != _public_der(ca_cert):
+            raise StateError(
+                f"{self.ca_key_path} does not belong to {self.ca_cert_path}; restore the matching pair"
+            )
+        now = datetime.datetime.now(datetime.UTC)
+        not_after = min(
+            now + datetime.timedelta(days=AGENT_CERT_VALIDITY_DAYS), ca_cert.not_valid_after_utc
+        )
+        if not_after <= now:
+            raise StateError(f"the CA {self.ca_cert_path} has expired; agents cannot get certificates")
+        key = ec.generate_private_key(ec.SECP256R1())
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))  # tolerate clock skew
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        der = cert.public_bytes(serialization.Encoding.DER)
+        return IssuedCertificate(
+            pem=_private_pem(key) + cert.public_bytes(serialization.Encoding.PEM),
+            fingerprint="sha256:" + hashlib.sha256(der).hexdigest(),
+            not_after=cert.not_valid_after_utc,
+        )
+
+    def record_certificate(self, name: str, issued: IssuedCertificate, ports: PortSet | None) -> bool:
+        """Make ISSUED agent NAME's one valid certificate (a previous one stops working) and
+        set its ports; its token, if any, stays valid. True if it replaced a certificate."""
+        validate_agent_name(name)
+        records = dict(self._current_agents())
+        old = records.get(name)
+        records[name] = _Record(
+            Agent(name, ports),
+            secret_sha256=old.secret_sha256 if old else None,
+            cert_sha256=issued.fingerprint.removeprefix("sha256:"),
+        )
+        self._write_agents(records)
+        return old is not None and old.cert_sha256 is not None
+
+    def revoke(self, name: str) -> Revoked:
+        """Remove agent NAME and every credential it has; KeyError if there is no such agent."""
+        records = dict(self._current_agents())
+        old = records.pop(name)
+        self._write_agents(records)
+        return Revoked(name, old.secret_sha256 is not None, old.cert_sha256 is not None)
+
+    def _write_agents(self, records: dict[str, _Record]) -> None:
+        doc = {"agents": {name: record.to_json() for name, record in records.items()}}
+        data = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        _write_atomic(self._agents_path, data.encode(), 0o600)
+
+    # authenticating (the running relay)
 
     def authenticate(self, token: str) -> Agent | None:
         """The agent TOKEN belongs to, or None if it is unknown, wrong or malformed.
@@ -407,6 +574,11 @@ class State:
         Never raises for a bad token; raises StateError only if agents.json itself is
         broken, which is the operator's problem, not the client's.
         """
+        found = self.verify_token(token)
+        return found[0] if found else None
+
+    def verify_token(self, token: str) -> tuple[Agent, Credential] | None:
+        """Like authenticate(), and also the Credential to check later with still_valid()."""
         # Bounded before any work, so a huge token costs nothing; ASCII so encode() cannot fail.
         if not isinstance(token, str) or len(token) > defaults.MAX_TOKEN_LENGTH:
             return None
@@ -415,25 +587,81 @@ class State:
         name, dot, secret = token.partition(".")
         if not dot or not secret:
             return None
-        entry = self._current_agents().get(name)
-        expected = entry[0] if entry else _NO_SUCH_AGENT
-        if hmac.compare_digest(_secret_hash(secret), expected) and entry:
-            return entry[1]
+        record = self._current_agents().get(name)
+        expected = record.secret_sha256 if record and record.secret_sha256 else _NO_SUCH_AGENT
+        digest = _secret_hash(secret)
+        if hmac.compare_digest(digest, expected) and record:
+            return record.agent, Credential(TOKEN, digest)
         return None
+
+    def authenticate_certificate(self, der: bytes) -> Agent | None:
+        """The agent whose current client certificate is DER, or None.
+
+        The TLS layer has already checked that it chains to our CA; here it must also be
+        the one certificate agents.json records for the agent its CN names (a replaced
+        or revoked certificate is still signed by the CA, so the signature is not enough).
+        """
+        found = self.verify_certificate(der)
+        return found[0] if found else None
+
+    def verify_certificate(self, der: bytes) -> tuple[Agent, Credential] | None:
+        """Like authenticate_certificate(), and also the Credential for still_valid()."""
+        if not isinstance(der, bytes):
+            return None
+        digest = hashlib.sha256(der).hexdigest()
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        except ValueError:
+            return None
+        if len(names) != 1 or not isinstance(names[0].value, str):
+            return None
+        record = self._current_agents().get(names[0].value)
+        expected = record.cert_sha256 if record and record.cert_sha256 else _NO_SUCH_AGENT
+        if hmac.compare_digest(digest, expected) and record:
+            return record.agent, Credential(CERTIFICATE, digest)
+        return None
+
+    def still_valid(self, name: str, credential: Credential) -> bool:
+        """Whether agent NAME still has CREDENTIAL (not rotated, replaced or revoked)."""
+        record = self._current_agents().get(name)
+        if record is None:
+            return False
+        current = {TOKEN: record.secret_sha256, CERTIFICATE: record.cert_sha256}.get(credential.method)
+        return current is not None and hmac.compare_digest(current, credential.digest)
 
     def agents(self) -> dict[str, Agent]:
         """Every agent with a credential, by name."""
-        return {name: agent for name, (_, agent) in self._current_agents().items()}
+        return {name: record.agent for name, record in self._current_agents().items()}
 
-    def _current_agents(self) -> dict[str, tuple[str, Agent]]:
-        """agents.json as (secret hash, Agent) by name, re-read only when the file changed.
+    def credentials(self, name: str) -> tuple[str, ...]:
+        """Which kinds of credential agent NAME has: TOKEN and/or CERTIFICATE."""
+        record = self._current_agents().get(name)
+        if record is None:
+            return ()
+        have = ((TOKEN, record.secret_sha256), (CERTIFICATE, record.cert_sha256))
+        return tuple(kind for kind, digest in have if digest is not None)
 
-        This is how a running relay picks up `relay agent-token` without a restart.
+    def refresh(self, force: bool = False) -> int:
+        """Re-read agents.json if it changed on disk (FORCE: in any case, for a stat that
+        cannot tell, such as two writes within one timestamp tick); return the generation
+        (see __init__)."""
+        if force:
+            self._agents_stamp = None
+        self._current_agents()
+        return self.generation
+
+    def _current_agents(self) -> dict[str, _Record]:
+        """agents.json by name, re-read only when the file changed.
+
+        This is how a running relay picks up the `relay` agent commands without a restart.
         The inode is part of the stamp because every write replaces the file.
         """
         try:
             st = os.stat(self._agents_path)
         except FileNotFoundError:
+            if self._agents_stamp is not None or self._agents:
+                self.generation += 1
             self._agents_stamp, self._agents = None, {}
             return self._agents
         except OSError as exc:
@@ -442,8 +670,10 @@ class State:
             ) from exc
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if stamp != self._agents_stamp:
-            self._agents = _read_agents(self._agents_path)
-            self._agents_stamp = stamp
+            agents = _read_agents(self._agents_path)
+            if agents != self._agents:
+                self.generation += 1
+            self._agents, self._agents_stamp = agents, stamp
         return self._agents
 
 
@@ -457,27 +687,39 @@ def _ports_text(ports: PortSet | None) -> str | None:
     return None if ports is None else str(ports)
 
 
-def _read_agents(path: Path) -> dict[str, tuple[str, Agent]]:
+def _digest_field(entry: dict, key: str) -> str | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256_HEX_RE.fullmatch(value):
+        raise ValueError(f"{key} is not 64 lower-case hex digits")
+    return value
+
+
+def _read_agents(path: Path) -> dict[str, _Record]:
     try:
         doc = json.loads(path.read_bytes())
         if not isinstance(doc, dict) or not isinstance(doc.get("agents"), dict):
             raise ValueError('no "agents" object')
         table = {}
         for name, entry in doc["agents"].items():
-            if not (
-                isinstance(entry, dict)
-                and _AGENT_NAME_RE.fullmatch(name)
-                and isinstance(entry.get("secret_sha256"), str)
-                and _SHA256_HEX_RE.fullmatch(entry["secret_sha256"])
-                and isinstance(entry.get("ports"), str | None)
-            ):
-                raise ValueError(f"bad entry for agent {name!r}")
-            ports = entry.get("ports")
-            agent = Agent(name, None if ports is None else PortSet.parse(ports))
-            table[name] = (entry["secret_sha256"], agent)
+            try:
+                if not isinstance(entry, dict) or not _AGENT_NAME_RE.fullmatch(name):
+                    raise ValueError("not an object with a valid name")
+                if not isinstance(entry.get("ports"), str | None):
+                    raise ValueError("ports is not a string or null")
+                secret = _digest_field(entry, "secret_sha256")
+                cert = _digest_field(entry, "cert_sha256")
+                if secret is None and cert is None:
+                    raise ValueError("no secret_sha256 and no cert_sha256")
+                ports = entry.get("ports")
+                agent = Agent(name, None if ports is None else PortSet.parse(ports))
+            except ValueError as exc:
+                raise ValueError(f"bad entry for agent {name!r}: {exc}") from None
+            table[name] = _Record(agent, secret, cert)
     except (OSError, ValueError) as exc:
         raise StateError(
             f"{path} is unreadable or malformed ({exc}); fix it, or delete it and issue "
-            "new tokens with `relay agent-token`"
+            "new credentials with `relay agent-token` or `relay agent-cert`"
         ) from exc
     return table

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet._sslverify import VerifyError  # not re-exported by twisted.internet.ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.compat import nativeString
 from zope.interface import implementer
@@ -26,7 +27,16 @@ class TLSConfigError(Exception):
 
 
 def server_options(cert_path: Path, key_path: Path, ca_path: Path) -> ssl.CertificateOptions:
-    """The relay's TLS options: its certificate, the CA in the chain (so pins on the CA work)."""
+    """The relay's TLS options: its certificate, the CA in the chain (so pins on the CA work).
+
+    The relay asks every agent for a client certificate but does not require one (token
+    agents send none): verify=True with requireCertificate=False is OpenSSL's VERIFY_PEER
+    without VERIFY_FAIL_IF_NO_PEER_CERT, so a certificate that is presented must chain to
+    our CA (and be valid for client use), or the handshake fails. Twisted's trustRoot=
+    would force requireCertificate=True, hence the older caCerts= spelling. Which agent
+    the certificate belongs to, and whether it is still its current one, the relay
+    decides after the handshake (State.verify_certificate).
+    """
     try:
         cert = ssl.PrivateCertificate.loadPEM(cert_path.read_bytes() + key_path.read_bytes())
         ca = ssl.Certificate.loadPEM(ca_path.read_bytes())
@@ -36,13 +46,44 @@ def server_options(cert_path: Path, key_path: Path, ca_path: Path) -> ssl.Certif
         privateKey=cert.privateKey.original,
         certificate=cert.original,
         extraCertChain=[ca.original],
+        verify=True,
+        caCerts=[ca.original],
+        requireCertificate=False,
         raiseMinimumTo=TLS_MINIMUM,
         acceptableProtocols=[defaults.ALPN],
     )
 
 
-def client_options_for_ca(host: str, ca_file: Path) -> IOpenSSLClientConnectionCreator:
-    """Trust the relay's CA file and check that the relay's certificate names `host`."""
+def load_client_certificate(path: Path) -> ssl.PrivateCertificate:
+    """The agent's key and client certificate from one PEM file (as `relay agent-cert` writes it)."""
+    try:
+        data = Path(path).read_bytes()
+        return ssl.PrivateCertificate.loadPEM(data)
+    except OSError as e:
+        raise TLSConfigError(f"cannot read --cert {path}: {e.strerror or e}") from e
+    except (SSL.Error, crypto.Error, ValueError) as e:
+        raise TLSConfigError(
+            f"--cert {path} is not a PEM file with a private key and its certificate "
+            f"(as `relay agent-cert` writes it): {e}"
+        ) from e
+    except VerifyError as e:
+        raise TLSConfigError(f"--cert {path}: the private key does not belong to the certificate") from e
+
+
+def _client_certificate_options(client_certificate: ssl.PrivateCertificate | None) -> dict:
+    if client_certificate is None:
+        return {}
+    return {
+        "privateKey": client_certificate.privateKey.original,
+        "certificate": client_certificate.original,
+    }
+
+
+def client_options_for_ca(
+    host: str, ca_file: Path, client_certificate: ssl.PrivateCertificate | None = None
+) -> IOpenSSLClientConnectionCreator:
+    """Trust the relay's CA file and check that the relay's certificate names `host`;
+    present CLIENT_CERTIFICATE (from load_client_certificate) if given."""
     try:
         ca = ssl.Certificate.loadPEM(Path(ca_file).read_bytes())
     except (OSError, SSL.Error, crypto.Error, ValueError) as e:
@@ -50,16 +91,20 @@ def client_options_for_ca(host: str, ca_file: Path) -> IOpenSSLClientConnectionC
     return ssl.optionsForClientTLS(
         host,
         trustRoot=ssl.trustRootFromCertificates([ca]),
+        clientCertificate=client_certificate,
         acceptableProtocols=[defaults.ALPN],
         extraCertificateOptions={"raiseMinimumTo": TLS_MINIMUM},
     )
 
 
-def client_options_for_system_trust(host: str) -> IOpenSSLClientConnectionCreator:
+def client_options_for_system_trust(
+    host: str, client_certificate: ssl.PrivateCertificate | None = None
+) -> IOpenSSLClientConnectionCreator:
     """The platform's trust store plus a hostname check, as a browser would."""
     return ssl.optionsForClientTLS(
         host,
         trustRoot=ssl.platformTrust(),
+        clientCertificate=client_certificate,
         acceptableProtocols=[defaults.ALPN],
         extraCertificateOptions={"raiseMinimumTo": TLS_MINIMUM},
     )
@@ -86,10 +131,14 @@ class PinnedClientOptions:
     certificate appears somewhere in the chain" alone would be forgeable.
     """
 
-    def __init__(self, host: str, pin: str) -> None:
+    def __init__(self, host: str, pin: str, client_certificate: ssl.PrivateCertificate | None = None) -> None:
         self._pin = parse_pin(pin)
         self._sni = _sni_name(host)
-        self._options = ssl.CertificateOptions(raiseMinimumTo=TLS_MINIMUM, acceptableProtocols=[defaults.ALPN])
+        self._options = ssl.CertificateOptions(
+            raiseMinimumTo=TLS_MINIMUM,
+            acceptableProtocols=[defaults.ALPN],
+            **_client_certificate_options(client_certificate),
+        )
         self._options.getContext().set_verify(SSL.VERIFY_PEER, self._verify)
         self._chains: dict[int, dict[int, crypto.X509]] = {}
 

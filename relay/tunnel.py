@@ -149,6 +149,11 @@ class Stream(Protocol):
         if self.transport is None:
             self._early_fin = True
         else:
+            # Nothing more will be written, so our socket no longer needs to pause us. And
+            # it must not: Twisted drops a pending half-close when its buffer drains while
+            # a streaming producer is paused (it resumes the producer instead), so the FIN
+            # was lost whenever the target or client had been slower than the tunnel.
+            self.transport.unregisterProducer()
             self.transport.loseWriteConnection()
 
     def abort(self) -> None:
@@ -157,8 +162,8 @@ class Stream(Protocol):
             self.transport.abortConnection()
 
     def _maybe_close(self) -> None:
+        # write_closed means deliver_fin ran, which already unregistered us as producer.
         if self.read_eof and self.write_closed:
-            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     # IPushProducer, driven by our socket's send buffer

@@ -1,8 +1,12 @@
 """Tests for the `relay` console script, called as relay.cli.main([...])."""
 
+import os
 import re
+import stat
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from relay import defaults, state
 from relay.cli import main
@@ -177,3 +181,162 @@ def test_error_stays_one_line_for_a_path_with_a_newline(tmp_path, capsys):
     missing = tmp_path / "new\nline"
     assert main(["agent-token", "--state", str(missing), "web"]) == 1
     assert "run `relay init --state" in one_error_line(capsys.readouterr().err, "relay agent-token")
+
+
+# --- agent-cert and agent-revoke ---
+
+
+def cert_der(path):
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_agent_cert_writes_a_private_pem_and_records_it(state_dir, tmp_path, capsys):
+    out = tmp_path / "web.pem"
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--ports", "8080", "--out", str(out)]) == 0
+    stdout, err = capsys.readouterr()
+    assert err == ""
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    pem = out.read_bytes()
+    assert b"-----BEGIN PRIVATE KEY-----" in pem and b"-----BEGIN CERTIFICATE-----" in pem
+    st = State(state_dir)
+    assert st.authenticate_certificate(cert_der(out)) == Agent("web", PortSet.parse("8080"))
+    assert cert_pin(pem) in stdout  # the fingerprint, as "sha256:..."
+    assert "created" in stdout and f"--cert {out.name}" in stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert "PRIVATE KEY" not in stdout
+
+
+def test_agent_cert_refuses_to_overwrite_without_force(state_dir, tmp_path, capsys):
+    out = tmp_path / "web.pem"
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(out)]) == 0
+    before, agents_before = out.read_bytes(), (state_dir / "agents.json").read_bytes()
+    capsys.readouterr()
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(out)]) == 1
+    stdout, err = capsys.readouterr()
+    assert stdout == ""
+    assert "--force" in one_error_line(err, "relay agent-cert")
+    assert out.read_bytes() == before
+    assert (state_dir / "agents.json").read_bytes() == agents_before  # the old one still works
+    assert State(state_dir).authenticate_certificate(cert_der(out)) is not None
+
+
+def test_agent_cert_force_replaces_file_and_certificate(state_dir, tmp_path, capsys):
+    out = tmp_path / "web.pem"
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(out)]) == 0
+    old = cert_der(out)
+    capsys.readouterr()
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(out), "--force"]) == 0
+    assert "previous certificate no longer works" in capsys.readouterr().out
+    st = State(state_dir)
+    assert st.authenticate_certificate(old) is None
+    assert st.authenticate_certificate(cert_der(out)) == Agent("web", None)
+
+
+def test_agent_cert_keeps_the_token_and_says_so(state_dir, tmp_path, capsys):
+    assert main(["agent-token", "--state", str(state_dir), "web"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(tmp_path / "w.pem")]) == 0
+    assert "token stays valid" in capsys.readouterr().out
+    assert State(state_dir).authenticate(token) == Agent("web", None)
+
+
+def test_agent_cert_without_ca_key_exits_1_and_writes_nothing(state_dir, tmp_path, capsys):
+    (state_dir / "ca.key").unlink()
+    out = tmp_path / "web.pem"
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(out)]) == 1
+    assert "ca.key is missing" in one_error_line(capsys.readouterr().err, "relay agent-cert")
+    assert not out.exists() and not (state_dir / "agents.json").exists()
+
+
+def test_agent_cert_into_a_missing_dir_exits_1_and_records_nothing(state_dir, tmp_path, capsys):
+    out = tmp_path / "no-such-dir" / "web.pem"
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err, "relay agent-cert")
+    assert f"cannot write --out {out}" in line
+    assert not (state_dir / "agents.json").exists()
+
+
+def test_agent_cert_on_missing_state_dir_exits_1(tmp_path, capsys):
+    missing = tmp_path / "x"
+    out = tmp_path / "web.pem"
+    assert main(["agent-cert", "--state", str(missing), "web", "--out", str(out)]) == 1
+    assert "relay init --state" in one_error_line(capsys.readouterr().err, "relay agent-cert")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, bad",
+    [
+        (["web"], "--out"),
+        (["we.b", "--out", "x.pem"], "bad agent name 'we.b'"),
+        (["web", "--out", "x.pem", "--ports", "http"], "'http'"),
+    ],
+)
+def test_agent_cert_usage_errors(state_dir, tmp_path, monkeypatch, capsys, argv, bad):
+    monkeypatch.chdir(tmp_path)
+    assert main(["agent-cert", "--state", str(state_dir), *argv]) == 2
+    assert bad in one_error_line(capsys.readouterr().err, "relay agent-cert")
+    assert not (tmp_path / "x.pem").exists()
+
+
+def test_agent_revoke_removes_token_and_certificate(state_dir, tmp_path, capsys):
+    out = tmp_path / "web.pem"
+    assert main(["agent-token", "--state", str(state_dir), "web"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert main(["agent-cert", "--state", str(state_dir), "web", "--out", str(out)]) == 0
+    assert main(["agent-token", "--state", str(state_dir), "db"]) == 0
+    capsys.readouterr()
+    assert main(["agent-revoke", "--state", str(state_dir), "web"]) == 0
+    stdout, err = capsys.readouterr()
+    assert err == ""
+    assert "agent 'web' removed with its token and certificate" in stdout
+    st = State(state_dir)
+    assert st.authenticate(token) is None
+    assert st.authenticate_certificate(cert_der(out)) is None
+    assert list(st.agents()) == ["db"]
+    assert "web" not in (state_dir / "agents.json").read_text()
+
+
+def test_agent_revoke_of_an_unknown_agent_exits_1(state_dir, capsys):
+    assert main(["agent-token", "--state", str(state_dir), "db"]) == 0
+    capsys.readouterr()
+    before = (state_dir / "agents.json").read_bytes()
+    assert main(["agent-revoke", "--state", str(state_dir), "web"]) == 1
+    stdout, err = capsys.readouterr()
+    assert stdout == ""
+    line = one_error_line(err, "relay agent-revoke")
+    assert "no agent 'web'" in line and "known agents: db" in line
+    assert (state_dir / "agents.json").read_bytes() == before
+
+
+def test_agent_revoke_twice_exits_1_the_second_time(state_dir, capsys):
+    assert main(["agent-token", "--state", str(state_dir), "web"]) == 0
+    assert main(["agent-revoke", "--state", str(state_dir), "web"]) == 0
+    capsys.readouterr()
+    assert main(["agent-revoke", "--state", str(state_dir), "web"]) == 1
+    assert "known agents: none" in one_error_line(capsys.readouterr().err, "relay agent-revoke")
+
+
+def test_agent_revoke_bad_name_is_a_usage_error(state_dir, capsys):
+    assert main(["agent-revoke", "--state", str(state_dir), "we.b"]) == 2
+    assert "bad agent name" in one_error_line(capsys.readouterr().err, "relay agent-revoke")
+
+
+def test_agent_revoke_on_missing_state_dir_exits_1(tmp_path, capsys):
+    assert main(["agent-revoke", "--state", str(tmp_path / "x"), "web"]) == 1
+    assert "relay init --state" in one_error_line(capsys.readouterr().err, "relay agent-revoke")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--help"], ["agent-cert", "agent-revoke"]),
+        (["agent-cert", "--help"], ["--state", "--ports", "--out", "--force", "NAME", "ca.key"]),
+        (["agent-revoke", "--help"], ["--state", "NAME", "SIGHUP"]),
+    ],
+)
+def test_help_of_the_credential_commands(argv, words, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(word in " ".join(out.split()) for word in words), out

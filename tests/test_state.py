@@ -465,3 +465,41 @@ def test_issue_token_accepts_edge_names(state_dir):
 
 def test_longest_accepted_token_fits_a_control_frame():
     assert defaults.MAX_TOKEN_LENGTH < defaults.MAX_CONTROL_PAYLOAD
+
+
+# --- private files (relay agent-cert --out) ---
+
+
+def test_write_private_file_is_0600_and_never_overwrites_unless_asked(tmp_path):
+    path = tmp_path / "agent.pem"
+    state.write_private_file(path, b"first")
+    assert path.read_bytes() == b"first" and mode_of(path) == 0o600
+    with pytest.raises(FileExistsError):
+        state.write_private_file(path, b"second")
+    assert path.read_bytes() == b"first"
+    state.write_private_file(path, b"third", overwrite=True)
+    assert path.read_bytes() == b"third" and mode_of(path) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.pem"]  # no temp files left
+
+
+def test_write_private_file_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(state.os, "link", no_links)
+    path = tmp_path / "agent.pem"
+    state.write_private_file(path, b"first")
+    with pytest.raises(FileExistsError):
+        state.write_private_file(path, b"second")
+    assert path.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.pem"]
+
+
+def test_issue_token_keeps_an_agents_certificate(state_dir):
+    st = State(state_dir)
+    issued = st.issue_certificate("web")
+    st.record_certificate("web", issued, None)
+    st.issue_token("web", PortSet.parse("8080"))
+    entry = json.loads((state_dir / "agents.json").read_text())["agents"]["web"]
+    assert entry["cert_sha256"] == issued.fingerprint.removeprefix("sha256:")
+    assert entry["ports"] == "8080" and len(entry["secret_sha256"]) == 64
