@@ -1,0 +1,1 @@
+"""Benchmark harness for relay: see docs/performance.md. Run with bench/run."""

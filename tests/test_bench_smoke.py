@@ -1,0 +1,79 @@
+"""A short run of the benchmark harness (bench/), relay and direct TCP only, ~1 s per workload,
+so the harness cannot rot: every workload must produce positive figures in the JSON.
+
+Needs iperf3, wrk and nginx (Debian: apt-get install -y iperf3 wrk nginx-light); skipped with
+the reason when they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NEEDED = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light"}
+
+
+def _missing() -> list[str]:
+    return [t for t in NEEDED if not (shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin"))]
+
+
+@pytest.mark.e2e
+def test_bench_quick_relay_and_direct(tmp_path):
+    missing = _missing()
+    if missing:
+        pytest.skip(
+            f"benchmark tools not installed: {', '.join(missing)} "
+            f"(apt-get install -y {' '.join(NEEDED[t] for t in missing)})"
+        )
+    out = tmp_path / "bench.json"
+    argv = [
+        sys.executable, "-m", "bench", "--only", "relay,direct", "--quick",
+        "--streams", "200", "--json", str(out), "--no-plot",
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (
+        f"bench exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    report = json.loads(out.read_text())
+    results = report["results"]
+
+    both = [
+        "bulk1_fwd_MBps",
+        "bulk1_rev_MBps",
+        "bulk4_MBps",
+        "keepalive_rps",
+        "keepalive_p99_ms",
+        "newconn_rps",
+        "newconn_p99_ms",
+        "echo_idle_p50_ms",
+        "echo_idle_p99_ms",
+        "echo_load_p50_ms",
+        "echo_load_p99_ms",
+        "echo_load_bulk_MBps",
+        "rtt40_MBps",
+    ]
+    relay_only = [
+        "bulk1_fwd_cpu_s_per_GB",
+        "bulk1_rev_cpu_s_per_GB",
+        "bulk4_cpu_s_per_GB",
+        "mem_kib_per_stream",
+    ]
+    for variant, keys in (("direct", both), ("relay", both + relay_only)):
+        figures = results[variant]
+        assert not figures.get("errors"), f"{variant}: {figures.get('errors')}"
+        for key in keys:
+            value = figures.get(key)
+            assert isinstance(value, (int, float)) and value > 0, f"{variant} {key} = {value!r}"
+    memory = results["relay"]["memory_detail"]
+    assert memory["streams"] == 200
+    assert all(v > 0 for v in memory["pss_kib_with_streams"].values())
+    # the relay tunnel over the delay line must at least move data at a sane rate
+    assert results["relay"]["rtt40_MBps"] > 1
+    assert {t["target"] for t in report["targets"]}, "no targets evaluated"
+    assert "| workload" in proc.stdout  # the table was printed
