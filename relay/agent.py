@@ -241,6 +241,9 @@ class AgentService(service.Service):
         if tunnel.welcomed:
             why = reason.getErrorMessage() if reason is not None else "closed"
             self.log.warn("tunnel to the relay lost: {why}", why=why)
+        elif reason is not None and reason.check(*_tls_refusals()):
+            # Our own TLS verification ended it: the relay was never trusted, nothing was sent.
+            self.log.warn("cannot connect to the relay {relay}: {why}", relay=self.relay_name, why=describe_failure(reason))
         else:
             self.log.warn("the relay closed the tunnel before accepting it: {why}", why=describe_failure(reason))
         if self.running:
@@ -271,6 +274,13 @@ class AgentService(service.Service):
         tunnel.lost.addBoth(lambda _: done.callback(None))
         tunnel.close(ErrorCode.NORMAL, "the agent is shutting down")
         return done
+
+
+def _tls_refusals() -> tuple[type, ...]:
+    from OpenSSL.SSL import Error as SSLError
+    from service_identity import VerificationError
+
+    return (SSLError, VerificationError)
 
 
 def describe_failure(failure) -> str:
