@@ -163,10 +163,17 @@ class PinnedClientOptions:
 
 
 def pin_matches(pin: bytes, chain: list[crypto.X509]) -> bool:
-    """True if chain[0] (the leaf) has the pin, or chains up to a certificate that has it."""
+    """True if chain[0] (the leaf) has the pin, or is a server certificate that chains up to a
+    certificate that has it.
+
+    The relay's CA also signs agents' client certificates (`relay agent-cert`): without the
+    server-purpose check, anyone holding one could pose as the relay to agents that pin the CA.
+    """
     digests = [hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, c)).digest() for c in chain]
     if hmac.compare_digest(digests[0], pin):
         return True
+    if not _is_server_certificate(chain[0]):
+        return False
     for index, digest in enumerate(digests[1:], start=1):
         if hmac.compare_digest(digest, pin):
             store = crypto.X509Store()
@@ -178,6 +185,19 @@ def pin_matches(pin: bytes, chain: list[crypto.X509]) -> bool:
                 return False
             return True
     return False
+
+
+def _is_server_certificate(cert: crypto.X509) -> bool:
+    """The certificate says it is for TLS servers: an extendedKeyUsage with serverAuth, as
+    `relay init` issues. No EKU at all (any purpose) is not enough from a CA pin."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        usage = cert.to_cryptography().extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
 def _sni_name(host: str) -> bytes | None:
