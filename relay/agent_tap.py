@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -21,6 +21,7 @@ from .tls import (
     load_client_certificate,
     parse_pin,
 )
+from .tlswire import TunnelTLSClientEndpoint
 from .tunnel import TunnelSettings
 
 log = Logger()
@@ -176,4 +177,4 @@ def makeService(config: Options):  # noqa: N802 (twistd's name)
         reconnect_max=config["reconnect-max"],
         tunnel=TunnelSettings(heartbeat_interval=config["heartbeat-interval"], dead_after=config["dead-after"]),
     )
-    return AgentService(reactor, wrapClientTLS(creator, inner), settings, relay_name=config["relay"])
+    return AgentService(reactor, TunnelTLSClientEndpoint(creator, inner), settings, relay_name=config["relay"])

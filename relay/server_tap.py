@@ -13,7 +13,6 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from . import defaults
@@ -22,6 +21,7 @@ from .config import ConfigError, Option, merge
 from .server import Relay, RelaySettings
 from .state import State, StateError, init_state
 from .tls import server_options
+from .tlswire import TunnelTLSFactory
 from .tunnel import TunnelSettings
 
 log = Logger()
@@ -109,7 +109,7 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
     top = RelayService(relay)
     relay.setServiceParent(top)  # its start/stop runs the agents.json watcher (revocation)
     _reload_on_sighup(reactor, relay)
-    listener = StreamServerEndpointService(endpoint, TLSMemoryBIOFactory(tls, False, relay.tunnel_factory()))
+    listener = StreamServerEndpointService(endpoint, TunnelTLSFactory(tls, False, relay.tunnel_factory()))
     listener._raiseSynchronously = True  # a taken tunnel port must stop startup, not just log
     listener.setServiceParent(top)
     _first_run_hint(state, config["tunnel"])

@@ -7,13 +7,13 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
 from relay.agent import AgentService, AgentSettings, AgentTunnel, Target
 from relay.server import Relay, RelaySettings
 from relay.state import PortSet
 from relay.tls import client_options_for_ca, server_options
+from relay.tlswire import TunnelTLSFactory
 from relay.tunnel import TunnelSettings
 
 CLIENT = IPv4Address("TCP", "203.0.113.7", 40000)
@@ -68,7 +68,7 @@ class World:
         self.clock = MemoryReactorClock()
         self.state = state
         self.relay = Relay(self.clock, state, relay_settings or RelaySettings(tunnel_port=7835))
-        self.server_tls = TLSMemoryBIOFactory(
+        self.server_tls = TunnelTLSFactory(
             server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path),
             False,
             self.relay.tunnel_factory(),
@@ -81,7 +81,7 @@ class World:
         targets = FakeTargets()
         service.target_endpoint = targets.endpoint
         creator = creator or client_options_for_ca("localhost", self.state.ca_cert_path)
-        client_tls = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: AgentTunnel(service)), clock=self.clock)
+        client_tls = TunnelTLSFactory(creator, True, Factory.forProtocol(lambda: AgentTunnel(service)), clock=self.clock)
         server = self.server_tls.buildProtocol(None)
         client = client_tls.buildProtocol(None)
         agent = Agent(service, client, server, targets)

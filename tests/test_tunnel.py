@@ -385,3 +385,48 @@ def test_pin_of_a_ca_the_leaf_does_not_chain_to_is_refused(state, tmp_path):
     assert not pin_matches(pin, [evil_leaf, ours_ca])
     leaf_pin = parse_pin(state.ca_pin())  # sanity: a leaf pin is checked on the leaf itself
     assert not pin_matches(leaf_pin, [evil_leaf])
+
+
+def test_ca_pin_refuses_an_agent_certificate_posing_as_the_relay(state):
+    """The CA that `relay init` makes also signs agents' client certificates: one of them, with
+    its key, must not pass for the relay with agents that pin the CA."""
+    from OpenSSL import crypto
+
+    from relay.tls import parse_pin, pin_matches
+
+    issued = state.issue_certificate("mallory")
+    ca = crypto.load_certificate(crypto.FILETYPE_PEM, state.ca_cert_path.read_bytes())
+    agent_leaf = crypto.load_certificate(crypto.FILETYPE_PEM, issued.pem)
+    server_leaf = crypto.load_certificate(crypto.FILETYPE_PEM, state.server_cert_path.read_bytes())
+    pin = parse_pin(state.ca_pin())
+    assert pin_matches(pin, [server_leaf, ca])
+    assert not pin_matches(pin, [agent_leaf, ca])
+    # Pinning that very certificate is another matter: the pin then is the identity.
+    assert pin_matches(parse_pin(issued.fingerprint), [agent_leaf])
+
+
+def test_agent_pinning_the_ca_never_sends_its_token_to_an_agent_certificate(world, state):
+    """In memory over real TLS: a relay that presents an agent certificate (and its key) gets
+    no hello from an agent that pins the CA, so never its token."""
+    from twisted.internet import ssl
+
+    from relay.tlswire import TunnelTLSFactory
+
+    impostor = ssl.PrivateCertificate.loadPEM(state.issue_certificate("mallory").pem)
+    ca = ssl.Certificate.loadPEM(state.ca_cert_path.read_bytes())
+    options = ssl.CertificateOptions(
+        privateKey=impostor.privateKey.original,
+        certificate=impostor.original,
+        extraCertChain=[ca.original],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
+        acceptableProtocols=[b"relay/1"],
+    )
+    world.server_tls = TunnelTLSFactory(options, False, world.relay.tunnel_factory(), clock=world.clock)
+    pinned = PinnedClientOptions("localhost", state.ca_pin())
+    agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, creator=pinned)
+    seen = []
+    agent.relay_tunnel.control_received = seen.append
+    agent.flush()
+    assert not agent.tunnel.welcomed
+    assert seen == []
+    assert world.relay.public == {}

@@ -199,22 +199,43 @@ class FrameDecoder:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
-        """All frames completed by data, in order; ProtocolError on the first bad one."""
+        """All frames completed by data, in order; ProtocolError on the first bad one.
+
+        Frames wholly inside `data` are sliced from it (one copy, none for a frame that is
+        all of it); only a partial frame at the end is kept in the buffer.
+        """
+        if type(data) is not bytes:
+            data = bytes(data)
         buf = self._buffer
-        buf += data
+        if buf:
+            buf += data
+            source = buf
+        else:
+            source = data
         frames: list[Frame] = []
         offset = 0
-        end = len(buf)
-        while end - offset >= HEADER_SIZE:
-            version, kind, flags, stream_id, length = HEADER.unpack_from(buf, offset)
-            kind = _check_header(version, kind, flags, stream_id, length)
-            start = offset + HEADER_SIZE
-            if end - start < length:
-                break
-            payload = bytes(buf[start : start + length])
-            offset = start + length
-            frames.append(_parse(kind, flags, stream_id, payload))
-        if offset:
+        end = len(source)
+        try:
+            while end - offset >= HEADER_SIZE:
+                version, kind, flags, stream_id, length = HEADER.unpack_from(source, offset)
+                kind = _check_header(version, kind, flags, stream_id, length)
+                start = offset + HEADER_SIZE
+                if end - start < length:
+                    break
+                offset = start + length
+                if source is data:
+                    payload = data[start:offset]
+                else:
+                    with memoryview(buf) as view:
+                        payload = bytes(view[start:offset])
+                frames.append(_parse(kind, flags, stream_id, payload))
+        except ProtocolError:
+            buf.clear()  # the tunnel is closing; nothing after the error is ever read
+            raise
+        if source is data:
+            if offset < end:
+                buf += memoryview(data)[offset:]
+        elif offset:
             del buf[:offset]  # bytearray deletes from the front in O(1)
         return frames
 
