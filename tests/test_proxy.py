@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import ipaddress
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import pytest_twisted
@@ -868,34 +865,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def pproxy():
-    """start(listen_uri with {port}) -> port: runs pproxy until the test ends."""
-    procs: list[subprocess.Popen] = []
-
-    def start(listen: str) -> int:
-        port = free_port()
-        # --auth 0: pproxy otherwise trusts an IP for 30 days after one good login.
-        cmd = [sys.executable, "-m", "pproxy", "-l", listen.format(port=port), "--auth", "0"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(proc)
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"pproxy exited: {proc.stderr.read().decode(errors='replace')}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("pproxy did not listen within 10 s")
-                time.sleep(0.05)
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait(DEADLINE)
-        proc.stderr.close()
+# The pproxy fixture (start a real proxy on loopback) is in tests/conftest.py.
 
 
 @pytest.fixture
