@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from twisted.application import service
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -77,6 +78,8 @@ class AgentTunnel(Tunnel):
             self.welcomed = True
             self.log.info("tunnel to the relay is up (agent {agent})", agent=message.get("agent"))
             self.agent.tunnel_up(self)
+        elif kind in ("listen_ok", "listen_fail") and type(message.get("port")) is not int:
+            self.throttled.warn("bad-port", "ignoring {kind} from the relay: port {port!r} is not a number", kind=kind, port=message.get("port"))
         elif kind == "listen_ok":
             port = message.get("port")
             self._retry_attempts.pop(port, None)
@@ -85,11 +88,14 @@ class AgentTunnel(Tunnel):
         elif kind == "listen_fail":
             self._listen_failed(message.get("port"), str(message.get("reason", "")))
         else:
-            self.log.info("ignoring control message {kind!r} from the relay", kind=kind)
+            self.throttled.info("control", "ignoring control message {kind!r} from the relay", kind=kind)
 
     def _listen_failed(self, port, reason: str) -> None:
         if port not in self.agent.settings.expose:
             return
+        pending = self._retry_timers.get(port)
+        if pending is not None and pending.active():
+            return  # one retry per port is already due; a relay repeating itself adds nothing
         attempt = self._retry_attempts.get(port, 0)
         self._retry_attempts[port] = attempt + 1
         s = self.agent.settings
@@ -113,7 +119,7 @@ class AgentTunnel(Tunnel):
         if target is None:
             # Port translation, not address forwarding: the relay names a port, we alone
             # decide where it goes, and an unknown port goes nowhere.
-            self.log.warn("relay asked for port {port}, which this agent does not expose; refused", port=event.port)
+            self.throttled.warn("not-exposed", "relay asked for port {port}, which this agent does not expose; refused", port=event.port)
             self.session.reset_stream(event.stream_id, ErrorCode.NOT_ALLOWED)
             return
         stream = TargetStream(self, event.stream_id, target)
@@ -131,7 +137,8 @@ class AgentTunnel(Tunnel):
         stream.connecting = None
         if failure.check(defer.CancelledError):
             return
-        self.log.warn(
+        self.throttled.warn(
+            f"connect:{event.port}",
             "cannot reach {target} for a client {client} of port {port}: {why}",
             target=str(stream.target),
             client=event.client_host,
@@ -196,7 +203,15 @@ class AgentService(service.Service):
         self._connect()
 
     def target_endpoint(self, target: Target):
-        return HostnameEndpoint(self.reactor, target.host, target.port, timeout=self.settings.connect_timeout)
+        timeout = self.settings.connect_timeout
+        # An address needs no resolving: HostnameEndpoint would still send it through
+        # getaddrinfo on the thread pool (10 threads) and a LoopingCall for every stream,
+        # which capped new connections per second.
+        if isIPAddress(target.host):
+            return TCP4ClientEndpoint(self.reactor, target.host, target.port, timeout=timeout)
+        if isIPv6Address(target.host):
+            return TCP6ClientEndpoint(self.reactor, target.host, target.port, timeout=timeout)
+        return HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
 
     def _connect(self) -> None:
         self._retry = None

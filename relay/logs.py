@@ -19,6 +19,12 @@ class ThrottledLog:
         self._last: dict[str, tuple[float, int]] = {}
 
     def warn(self, key: str, format: str, **fields) -> None:
+        self._emit(self._log.warn, key, format, fields)
+
+    def info(self, key: str, format: str, **fields) -> None:
+        self._emit(self._log.info, key, format, fields)
+
+    def _emit(self, emit, key: str, format: str, fields: dict) -> None:
         now = self._clock()
         last, held = self._last.get(key, (None, 0))
         if last is not None and now - last < self._interval:
@@ -30,4 +36,4 @@ class ThrottledLog:
         if held:
             format += " ({held} more like this in the last {interval:.0f} s)"
             fields.update(held=held, interval=self._interval)
-        self._log.warn(format, **fields)
+        emit(format, **fields)

@@ -114,7 +114,8 @@ class RelayTunnel(Tunnel):
     def connectionMade(self) -> None:
         super().connectionMade()
         if self.relay.unauthenticated >= self.relay.settings.max_unauthenticated:
-            self.log.warn(
+            self.relay.throttled.warn(
+                "unauthenticated",
                 "tunnel {peer}: refused, {n} connections are already handshaking",
                 peer=self.peer,
                 n=self.relay.unauthenticated,
@@ -160,7 +161,7 @@ class RelayTunnel(Tunnel):
         elif kind == "listen":
             self._listen(message.get("ports"))
         else:
-            self.log.info("agent {agent}: ignoring control message {kind!r}", agent=self.agent_name, kind=kind)
+            self.throttled.info("control", "agent {agent}: ignoring control message {kind!r}", agent=self.agent_name, kind=kind)
 
     def _hello(self, message: dict) -> None:
         try:
@@ -219,14 +220,22 @@ class RelayTunnel(Tunnel):
         if not isinstance(ports, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
             self.close(ErrorCode.PROTOCOL_ERROR, "ports must be a list of integers")
             return
-        if len(ports) > self.relay.settings.max_ports_per_agent:
-            ports = ports[: self.relay.settings.max_ports_per_agent]
+        limit = self.relay.settings.max_ports_per_agent
+        if len(ports) > limit:
+            self.throttled.warn(
+                "ports",
+                "agent {agent}: asked for {n} ports at once; only the first {limit} are looked at",
+                agent=self.agent_name,
+                n=len(ports),
+                limit=limit,
+            )
+            ports = ports[:limit]
         for port in ports:
             why = self.relay.listen(self, port)
             if why is None:
                 self.session.send_control({"type": "listen_ok", "port": port})
             else:
-                self.log.warn("agent {agent}: port {port} refused: {why}", agent=self.agent_name, port=port, why=why)
+                self.throttled.warn("listen", "agent {agent}: port {port} refused: {why}", agent=self.agent_name, port=port, why=why)
                 self.session.send_control({"type": "listen_fail", "port": port, "reason": why})
 
     def stream_opened(self, event) -> None:  # pragma: no cover - the session forbids it
@@ -234,7 +243,8 @@ class RelayTunnel(Tunnel):
 
     def stream_was_reset(self, stream: Stream, code: int, by_peer: bool) -> None:
         if by_peer and code not in (ErrorCode.RESET_BY_PEER, ErrorCode.NORMAL):
-            self.log.info(
+            self.throttled.info(
+                f"reset:{code}",
                 "agent {agent}: stream for port {port} refused: {code}",
                 agent=self.agent_name,
                 port=getattr(stream, "public_port", "?"),
@@ -289,6 +299,12 @@ class Relay(service.Service):
             return False
         old = self.tunnels.get(agent.name)
         if old is None and len(self.tunnels) >= self.settings.max_agents:
+            self.throttled.warn(
+                "max-agents",
+                "agent {agent}: refused, the relay serves its maximum of {n} agents",
+                agent=agent.name,
+                n=self.settings.max_agents,
+            )
             tunnel.close(ErrorCode.REFUSED, f"the relay serves its maximum of {self.settings.max_agents} agents")
             return False
         self.tunnels[agent.name] = tunnel

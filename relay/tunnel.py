@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import defaults
+from .logs import ThrottledLog
 from .protocol import (
     ControlReceived,
     DataReceived,
@@ -37,7 +38,10 @@ from .protocol import (
 
 # The tunnel socket's user-space send buffer before Twisted pauses us. The default 64 KiB
 # makes every stream pause and resume every 64 KiB (research §2.2: 16 128 cycles/GiB).
-TUNNEL_BUFFER_SIZE = 4 * defaults.MiB
+# Twisted resumes only once it is empty, so on average half of it sits in front of any new
+# frame: 4 MiB cost a small stream beside a bulk one milliseconds of queueing for no gain
+# in throughput over 1 MiB (bench/, docs/performance.md).
+TUNNEL_BUFFER_SIZE = 1 * defaults.MiB
 CLOSE_GRACE = 5.0  # after GOAWAY and close, how long before we abort (TLS close_notify may never come)
 
 
@@ -135,8 +139,7 @@ class Stream(Protocol):
 
     def deliver(self, data: bytes) -> None:
         if self.transport is None:
-            self._early.append(data)
-            self.uncredited += len(data)
+            self._early.append(data)  # credited when connectionMade delivers it, not twice
             return
         self.transport.write(data)
         if self.write_paused:
@@ -208,6 +211,8 @@ class Tunnel(Protocol):
         self._heartbeat = None
         self._close_timer = None
         self._backlog_while_paused = 0
+        self._broken = False  # a protocol error: nothing the peer sends is read any more
+        self.throttled = ThrottledLog(self.log, reactor.seconds)  # what a peer can repeat at will
 
     # connection life
 
@@ -227,6 +232,11 @@ class Tunnel(Protocol):
         if getattr(self.transport, "_aborted", False) or self.transport.disconnecting:
             return  # certificate verification failed after the handshake (Twisted calls us anyway)
         if self.transport.negotiatedProtocol != defaults.ALPN:
+            self.log.warn(
+                "tunnel {peer}: peer did not negotiate ALPN {alpn}; closing",
+                peer=self.peer,
+                alpn=defaults.ALPN.decode(),
+            )
             self.close(ErrorCode.PROTOCOL_ERROR, f"peer did not negotiate ALPN {defaults.ALPN.decode()}")
             return
         self.session.send_ping()  # an early RTT sample for window auto-tuning
@@ -274,13 +284,28 @@ class Tunnel(Protocol):
     # bytes in
 
     def dataReceived(self, data: bytes) -> None:
+        if self._broken or self._close_timer is not None:
+            # We are closing (GOAWAY sent), but TLS still hands us what the peer sends until
+            # the close completes (up to CLOSE_GRACE): fed to a failed decoder it would pile
+            # up, and more hellos would be more guesses and more log lines. None is read.
+            return
         self._last_received = self.reactor.seconds()
+        refused = self.session.refused_opens
         try:
             events = self.session.receive_data(data)
         except ProtocolError as e:
+            self._broken = True
             self.log.warn("tunnel {peer}: protocol error: {error}", peer=self.peer, error=str(e))
             self.close(ErrorCode.PROTOCOL_ERROR, str(e))
             return
+        if self.session.refused_opens != refused:
+            self.throttled.warn(
+                "refused",
+                "tunnel {peer}: refused {n} new stream(s): {max} streams already open, or going away",
+                peer=self.peer,
+                n=self.session.refused_opens - refused,
+                max=self.settings.max_streams,
+            )
         for event in events:
             kind = type(event)
             if kind is DataReceived:
@@ -297,6 +322,13 @@ class Tunnel(Protocol):
                     stream.update_reading()
             elif kind is StreamReset:
                 stream = self.streams.pop(event.stream_id, None)
+                if not event.by_peer and event.code == ErrorCode.FLOW_CONTROL:
+                    self.throttled.warn(
+                        "flow",
+                        "tunnel {peer}: stream {id}: the peer sent beyond its window; stream reset",
+                        peer=self.peer,
+                        id=event.stream_id,
+                    )
                 if stream is not None:
                     self.stream_was_reset(stream, event.code, event.by_peer)
                     stream.abort()
@@ -306,7 +338,7 @@ class Tunnel(Protocol):
                 self.stream_accepted(event.stream_id)
             elif kind is ControlReceived:
                 self.control_received(event.message)
-                if not self.connected_tunnel:
+                if not self.connected_tunnel or self._close_timer is not None:
                     return
             elif kind is GoAwayReceived:
                 self.go_away_received(event.code, event.reason)

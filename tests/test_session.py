@@ -569,6 +569,22 @@ def test_slow_consumption_does_not_grow():
     assert pair.agent.window_grown == 0
 
 
+def test_growth_is_judged_by_the_smallest_rtt_not_a_queued_one():
+    """A PING that waited behind a full tunnel says little about the path: judged by it, the
+    queue would grow the windows that grow the queue (bufferbloat)."""
+    pair = Pair(**TUNE)
+    pair.measure_rtt(pair.agent, 0.125)
+    pair.measure_rtt(pair.agent, 2.0)  # the tunnel is loaded now
+    assert (pair.agent.rtt, pair.agent.min_rtt) == (2.0, 0.125)
+    sid = pair.open()
+    pair.relay.send_data(sid, payload(1024))
+    pair.to_agent()
+    pair.clock.advance(0.3)  # < 2 x the latest RTT, but not < 2 x the path's
+    pair.agent.consumed(sid, 256)
+    assert drain_frames(pair.agent) == [Window(sid, 256)]
+    assert pair.agent.recv_window(sid) == 1024
+
+
 def test_no_growth_without_an_rtt_sample():
     pair = Pair(**TUNE)
     sid = pair.open()

@@ -168,9 +168,14 @@ class Session:
         self._out: list[bytes] = []
         self._pings: dict[int, float] = {}
         self._ping_counter = 0
-        self.rtt: float | None = None
+        self.rtt: float | None = None  # the latest PING round trip
+        # The smallest round trip seen: the path's own, without the queues in front of it.
+        # Window growth is judged against it; judged against the latest, a loaded tunnel's
+        # queueing delay grew the windows, which grew the queues (bufferbloat).
+        self.min_rtt: float | None = None
         self.going_away = False  # we sent GOAWAY: no new streams
         self.peer_going_away = False
+        self.refused_opens = 0  # AGENT: OPENs answered RESET(REFUSED) (stream limit, or going away)
 
     # --- introspection ------------------------------------------------------------------
 
@@ -191,6 +196,16 @@ class Session:
     @property
     def window_grown(self) -> int:
         return self._window_grown
+
+    @property
+    def receive_buffered(self) -> int:
+        """Bytes received and not yet a whole frame."""
+        return self._decoder.buffered
+
+    @property
+    def queued_bytes(self) -> int:
+        """Stream data held for want of the peer's credit, over all streams."""
+        return sum(len(chunk) for stream in self._streams.values() for chunk in stream.pending)
 
     @property
     def last_stream_id(self) -> int:
@@ -262,7 +277,7 @@ class Session:
         grow = 0
         # Credit used up again within two round trips means the window, not the reader,
         # limits this stream: double it (go-yamux's rule), within the tunnel's budget.
-        if self.rtt is not None and now - stream.last_update < 2 * self.rtt:
+        if self.min_rtt is not None and now - stream.last_update < 2 * self.min_rtt:
             target = min(stream.recv_window * 2, self._max_window)
             grow = min(target - stream.recv_window, self._window_budget - self._window_grown)
             grow = max(grow, 0)
@@ -376,6 +391,7 @@ class Session:
             raise ProtocolError(f"OPEN for stream {frame.stream_id} is out of sequence")
         self._last_stream_id = frame.stream_id
         if self.going_away or len(self._streams) >= self._max_streams:
+            self.refused_opens += 1
             self._out.append(encode(Reset(frame.stream_id, ErrorCode.REFUSED)))
             return
         self._streams[frame.stream_id] = _Stream(frame.stream_id, self._initial_window, self._clock())
@@ -399,6 +415,7 @@ class Session:
         sent_at = self._pings.pop(frame.opaque, None)
         if sent_at is not None:
             self.rtt = max(self._clock() - sent_at, 0.0)
+            self.min_rtt = self.rtt if self.min_rtt is None else min(self.min_rtt, self.rtt)
             events.append(PongReceived(self.rtt))
 
     # --- helpers ------------------------------------------------------------------------
