@@ -28,7 +28,7 @@ HANDSHAKE_TIMEOUT = 10.0  # TLS handshake + HELLO
 MAX_UNAUTHENTICATED = 256
 MAX_AGENTS = 1024
 MAX_PORTS_PER_AGENT = 256
-OPEN_TIMEOUT = 30.0  # agent must answer OPEN within this
+OPEN_TIMEOUT = 30.0  # the relay resets a stream whose OPEN the agent has not answered by then
 DRAIN_TIMEOUT = 10.0  # SIGTERM: how long open streams may drain
 AGENT_PORT_RANGE = (1024, 65535)
 

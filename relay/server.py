@@ -31,6 +31,7 @@ class RelaySettings:
     max_agents: int = defaults.MAX_AGENTS
     max_ports_per_agent: int = defaults.MAX_PORTS_PER_AGENT
     drain_timeout: float = defaults.DRAIN_TIMEOUT
+    open_timeout: float = defaults.OPEN_TIMEOUT
     tunnel: TunnelSettings = field(default_factory=TunnelSettings)
     port_policies: dict[int | None, PortPolicy] = field(default_factory=dict)  # None: every other port
 
@@ -237,6 +238,22 @@ class RelayTunnel(Tunnel):
             else:
                 self.throttled.warn("listen", "agent {agent}: port {port} refused: {why}", agent=self.agent_name, port=port, why=why)
                 self.session.send_control({"type": "listen_fail", "port": port, "reason": why})
+
+    def heartbeat(self) -> None:
+        # An agent that never answers OPEN would hold those clients (and stream slots) for
+        # as long as the tunnel lives. Checked at each heartbeat, so a stream gets between
+        # open_timeout and open_timeout + one interval.
+        for stream_id in self.session.expire_opens(self.relay.settings.open_timeout):
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None:
+                stream.abort()
+            self.throttled.warn(
+                "open-timeout",
+                "agent {agent}: no answer to OPEN within {timeout:.0f} s; client of port {port} reset",
+                agent=self.agent_name,
+                timeout=self.relay.settings.open_timeout,
+                port=getattr(stream, "public_port", "?"),
+            )
 
     def stream_opened(self, event) -> None:  # pragma: no cover - the session forbids it
         raise AssertionError("agents cannot open streams")

@@ -42,6 +42,7 @@ OPTIONS = {
         Option("max-ports-per-agent", int, "public ports one agent may hold", defaults.MAX_PORTS_PER_AGENT),
         Option("max-streams", int, "concurrent streams per tunnel", defaults.MAX_STREAMS),
         Option("window-budget", int, "bytes per tunnel that stream windows may grow by", defaults.WINDOW_BUDGET),
+        Option("open-timeout", float, "seconds the agent has to answer a new stream before its client is reset", defaults.OPEN_TIMEOUT),
         Option("drain-timeout", float, "seconds open streams may drain on SIGTERM", defaults.DRAIN_TIMEOUT),
         Option("ports", dict, "config file only: [ports.N] / [ports.default] access control tables", {}),
     ]
@@ -92,6 +93,7 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
         max_agents=config["max-agents"],
         max_ports_per_agent=config["max-ports-per-agent"],
         drain_timeout=config["drain-timeout"],
+        open_timeout=config["open-timeout"],
         port_policies=config["port-policies"],
         tunnel=TunnelSettings(
             heartbeat_interval=config["heartbeat-interval"],

@@ -277,9 +277,13 @@ class Tunnel(Protocol):
             )
             self.transport.abortConnection()
             return
+        self.heartbeat()
         self.session.send_ping()
         self.flush()
         self._heartbeat = self.reactor.callLater(self.settings.heartbeat_interval, self._beat)
+
+    def heartbeat(self) -> None:
+        """Every heartbeat interval, while the tunnel lives: periodic chores of either end."""
 
     # bytes in
 

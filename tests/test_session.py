@@ -1193,3 +1193,18 @@ def test_harness_detects_lost_bytes():
     h.streams[sid].sent["relay"] += payload(10, sid + 1)  # the model expects other bytes
     with pytest.raises(AssertionError):
         h.deliver("relay", 10**6, 7)
+
+
+def test_opens_the_agent_never_answers_expire_with_timeout():
+    pair = Pair()
+    answered = pair.open()
+    waiting = pair.relay.open_stream(8080, "203.0.113.7", 50001)
+    assert pair.to_agent() == [StreamOpened(waiting, 8080, "203.0.113.7", 50001)]
+    pair.clock.advance(29.9)
+    assert pair.relay.expire_opens(30.0) == []
+    pair.clock.advance(0.1)
+    assert pair.relay.expire_opens(30.0) == [waiting]
+    assert not pair.relay.has_stream(waiting)
+    assert pair.relay.has_stream(answered)  # accepted streams never expire, however old
+    assert pair.to_agent() == [StreamReset(waiting, ErrorCode.TIMEOUT)]
+    assert pair.relay.expire_opens(30.0) == []

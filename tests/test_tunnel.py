@@ -430,3 +430,23 @@ def test_agent_pinning_the_ca_never_sends_its_token_to_an_agent_certificate(worl
     assert not agent.tunnel.welcomed
     assert seen == []
     assert world.relay.public == {}
+
+
+def test_open_the_agent_never_answers_is_reset_and_frees_its_slot(world, state):
+    """A target connect that never completes (here: never answered at all) must not hold the
+    public client, and its stream slot, for as long as the tunnel lives."""
+    world.relay.settings = RelaySettings(tunnel_port=7835, open_timeout=30.0)
+    agent = up(world, state)
+    hung, hung_sock = world.public_client(8080)
+    agent.flush()
+    assert len(agent.targets.connects) == 1  # the agent got the OPEN and is connecting
+    interval = TunnelSettings().heartbeat_interval
+    for _ in range(3):  # heartbeats at 15, 30, 45 s: expired at the first one past 30 s
+        world.clock.advance(interval)
+        agent.flush()
+    assert hung_sock.aborted
+    assert world.relay.tunnels, "the tunnel itself stays up"
+    client, client_sock, target, target_sock = stream(world, agent)
+    client.dataReceived(b"still works")
+    agent.flush()
+    assert target_sock.value() == b"still works"

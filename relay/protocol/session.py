@@ -124,10 +124,12 @@ class _Stream:
         "recv_allowed",
         "unacked",
         "last_update",
+        "opened_at",
     )
 
     def __init__(self, stream_id: int, window: int, now: float) -> None:
         self.id = stream_id
+        self.opened_at = now
         self.accepted = False
         self.send_credit = window
         self.pending: list[bytes] = []  # sent by the app beyond our credit
@@ -288,6 +290,16 @@ class Session:
         stream.recv_allowed += increment
         stream.last_update = now
         self._out.append(encode(Window(stream_id, increment)))
+
+    def expire_opens(self, timeout: float) -> list[int]:
+        """RELAY: reset with TIMEOUT every stream the agent has not accepted or refused within
+        `timeout` seconds of its OPEN; their ids. Each such stream holds a public client and
+        counts toward the stream limit, so an agent that never answers must not keep them."""
+        now = self._clock()
+        expired = [s.id for s in self._streams.values() if not s.accepted and now - s.opened_at >= timeout]
+        for stream_id in expired:
+            self.reset_stream(stream_id, ErrorCode.TIMEOUT)
+        return expired
 
     def reset_stream(self, stream_id: int, code: int) -> None:
         """Abort a stream both ways (a TCP reset on our side, or a refusal)."""
