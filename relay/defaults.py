@@ -26,6 +26,7 @@ MAX_PENDING_CONTROL = 256 * KiB  # queued outbound control bytes before we call 
 # Relay limits on what a stranger can make it allocate.
 HANDSHAKE_TIMEOUT = 10.0  # TLS handshake + HELLO
 MAX_UNAUTHENTICATED = 256
+MAX_UNAUTHENTICATED_PER_IP = 16  # so one source cannot take every handshake slot
 MAX_AGENTS = 1024
 MAX_PORTS_PER_AGENT = 256
 OPEN_TIMEOUT = 30.0  # the relay resets a stream whose OPEN the agent has not answered by then

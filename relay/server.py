@@ -28,6 +28,7 @@ class RelaySettings:
     public_interface: str = ""
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_unauthenticated: int = defaults.MAX_UNAUTHENTICATED
+    max_unauthenticated_per_ip: int = defaults.MAX_UNAUTHENTICATED_PER_IP
     max_agents: int = defaults.MAX_AGENTS
     max_ports_per_agent: int = defaults.MAX_PORTS_PER_AGENT
     drain_timeout: float = defaults.DRAIN_TIMEOUT
@@ -123,13 +124,27 @@ class RelayTunnel(Tunnel):
             )
             self.transport.abortConnection()
             return
+        self._source = getattr(self.transport.getPeer(), "host", "?")
+        held = self.relay.unauthenticated_by_source.get(self._source, 0)
+        if held >= self.relay.settings.max_unauthenticated_per_ip:
+            self.relay.throttled.warn(
+                "unauthenticated-per-ip",
+                "tunnel {peer}: refused, {n} connections from {source} are already handshaking",
+                peer=self.peer,
+                n=held,
+                source=self._source,
+            )
+            self.transport.abortConnection()
+            return
         self.relay.unauthenticated += 1
+        self.relay.unauthenticated_by_source[self._source] = held + 1
         self._counted = True
         self._handshake_timer = self.reactor.callLater(self.relay.settings.handshake_timeout, self._too_slow)
 
     def _too_slow(self) -> None:
         self._handshake_timer = None
-        self.log.warn(
+        self.relay.throttled.warn(
+            "too-slow",
             "tunnel {peer}: no TLS handshake and hello within {t:.0f} s; closing",
             peer=self.peer,
             t=self.relay.settings.handshake_timeout,
@@ -143,6 +158,10 @@ class RelayTunnel(Tunnel):
         if self._counted:
             self._counted = False
             self.relay.unauthenticated -= 1
+            by_source = self.relay.unauthenticated_by_source
+            by_source[self._source] -= 1
+            if not by_source[self._source]:
+                del by_source[self._source]
 
     def connectionLost(self, reason=None) -> None:
         self._authenticated()  # stop the timer and the count either way
@@ -285,6 +304,7 @@ class Relay(service.Service):
         self.tunnels: dict[str, RelayTunnel] = {}
         self.public: dict[int, PublicFactory] = {}
         self.unauthenticated = 0
+        self.unauthenticated_by_source: dict[str, int] = {}
         self.accepting = True
         self.throttled = ThrottledLog(self.log, reactor.seconds)
         self.gates: dict[int, Gate] = {}  # per port, kept across agents so caps survive a takeover

@@ -253,6 +253,32 @@ def test_unauthenticated_connections_are_capped(state):
     assert world.relay.unauthenticated == 2
 
 
+def test_unauthenticated_connections_are_capped_per_source(state):
+    """One address cannot take every handshake slot: past its own cap it alone is refused."""
+    from twisted.internet.address import IPv4Address
+
+    world = World(state, RelaySettings(tunnel_port=7835, max_unauthenticated_per_ip=2))
+
+    def connect(host):
+        server = world.server_tls.buildProtocol(None)
+        transport = iosim.FakeTransport(server, True, peerAddress=IPv4Address("TCP", host, 40000))
+        server.makeConnection(transport)
+        return server, transport
+
+    crowd = [connect("198.51.100.9") for _ in range(3)]
+    assert [t.disconnecting for _, t in crowd] == [False, False, True]
+    other, other_transport = connect("198.51.100.10")
+    assert not other_transport.disconnecting
+    assert world.relay.unauthenticated_by_source == {"198.51.100.9": 2, "198.51.100.10": 1}
+    crowd[0][0].connectionLost(Failure(error.ConnectionDone()))
+    assert world.relay.unauthenticated_by_source["198.51.100.9"] == 1
+    _, again = connect("198.51.100.9")
+    assert not again.disconnecting
+    # and a real agent from yet another address still gets in
+    agent = up(world, state)
+    assert agent.tunnel.welcomed
+
+
 def test_protocol_error_closes_only_that_tunnel(world, state):
     good = up(world, state, {9000: Target("127.0.0.1", 80)}, name="good", ports="9000")
     bad = up(world, state, {8080: Target("127.0.0.1", 80)}, name="bad", ports="8080")
