@@ -32,25 +32,28 @@ BENCH = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-VARIANTS = ["direct", "ssh-aes", "ssh-chacha", "relay"]
+VARIANTS = ["direct", "socat", "ssh-aes", "ssh-chacha", "relay"]
 LABELS = {
     "direct": "direct TCP",
+    "socat": "socat (plain TCP forwarder)",
     "ssh-aes": "ssh -R aes128-gcm",
     "ssh-chacha": "ssh -R chacha20-poly1305",
     "relay": "relay",
 }
 CIPHERS = {"ssh-aes": "aes128-gcm@openssh.com", "ssh-chacha": "chacha20-poly1305@openssh.com"}
-WORKLOADS = ["memory", "bulk1", "bulk4", "keepalive", "newconn", "echo", "rtt40"]
+WORKLOADS = ["memory", "gib", "bulk1", "bulk4", "keepalive", "newconn", "echo", "rtt40"]
 TOOLS = {
     "iperf3": "iperf3",
     "wrk": "wrk",
     "nginx": "nginx-light",
     "sshd": "openssh-server",
     "ssh": "openssh-client",
+    "socat": "socat",
 }
 
 # (key, label, unit, higher_is_better, short label for the plot). The table and plot come from this.
 METRICS = [
+    ("gib_MBps", "1 GiB in one stream client->target", "MB/s", True, "1 GiB stream"),
     ("bulk1_fwd_MBps", "1 stream client->target", "MB/s", True, "1 stream fwd"),
     ("bulk1_rev_MBps", "1 stream target->client (-R)", "MB/s", True, "1 stream rev"),
     ("bulk1_fwd_cpu_s_per_GB", "  CPU-s/GB tunnel procs, fwd", "s/GB", False, "CPU/GB fwd"),
@@ -408,6 +411,38 @@ class Direct(Variant):
         return delay_port
 
 
+class Socat(Variant):
+    """socat forwarding each public port to its target: a plain TCP relay in C (one process
+    per connection, no encryption, no multiplexing), the floor any relay adds to direct TCP."""
+
+    def start(self) -> None:
+        self.public = TargetPorts(*free_ports(3))
+        self.listeners = []
+        for public, target in zip(
+            (self.public.iperf, self.public.http, self.public.echo),
+            (self.targets.iperf, self.targets.http, self.targets.echo),
+            strict=True,
+        ):
+            name = f"socat-{public}"
+            proc = self._spawn(
+                name,
+                [
+                    tool("socat") or "socat",
+                    f"TCP-LISTEN:{public},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                    f"TCP:127.0.0.1:{target},nodelay",
+                ],
+            )
+            self.listeners.append(proc)
+            wait_until(
+                f"socat on {public}",
+                lambda p=public: listening(p),
+                procs=[(self.procs, proc, name)],
+            )
+
+    def tunnel_pids(self) -> dict[str, list[int]]:
+        return {"socat": [p.pid for p in self.listeners]}
+
+
 class SshD:
     """One private sshd on a loopback port: own host key, own config, key auth, GatewayPorts no."""
 
@@ -672,19 +707,13 @@ def per_gb(delta: dict[str, float], nbytes: int) -> dict[str, float]:
     return out
 
 
-def iperf(port: int, seconds: float, reverse: bool = False, parallel: int = 1) -> dict:
-    argv = [
-        "iperf3",
-        "-c",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-t",
-        str(max(1, round(seconds))),
-        "-J",
-        "--connect-timeout",
-        "5000",
-    ]
+def iperf(
+    port: int, seconds: float, reverse: bool = False, parallel: int = 1, nbytes: int = 0
+) -> dict:
+    argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-J", "--connect-timeout", "5000"]
+    # a byte count (-n) instead of a duration (-t); the timeout allows 20 MB/s
+    argv += ["-n", str(nbytes)] if nbytes else ["-t", str(max(1, round(seconds)))]
+    seconds = nbytes / 20e6 if nbytes else seconds
     if reverse:
         argv.append("-R")
     if parallel > 1:
@@ -849,6 +878,16 @@ def measure_bulk(v: Variant, args, res: dict) -> None:
         )
 
 
+def measure_gib(v: Variant, args, res: dict) -> None:
+    """Exactly 1 GiB (--quick: 128 MiB) in one stream, client to target (iperf3 -n), timed by
+    iperf3's receiver."""
+    with CpuMeter(v.tunnel_pids()) as cpu:
+        r = iperf(v.public.iperf, 0, nbytes=args.gib_bytes)
+    res["gib_MBps"] = r["MBps"]
+    res["gib_detail"] = {**r, "cpu_s": {k: round(x, 3) for k, x in cpu.delta.items()}}
+    log(f"  {v.name} gib: {r['bytes']} bytes in {r['seconds']:.2f} s = {r['MBps']} MB/s")
+
+
 def measure_bulk4(v: Variant, args, res: dict) -> None:
     pids = v.tunnel_pids()
     with CpuMeter(pids) as cpu:
@@ -958,6 +997,7 @@ def measure_rtt(v: Variant, args, res: dict) -> None:
 def run_workloads(v: Variant, args) -> dict:
     res: dict = {}
     steps = {
+        "gib": lambda: measure_gib(v, args, res),
         "bulk1": lambda: measure_bulk(v, args, res),
         "bulk4": lambda: measure_bulk4(v, args, res),
         "keepalive": lambda: measure_http(v, args, res, close=False),
@@ -968,6 +1008,9 @@ def run_workloads(v: Variant, args) -> dict:
     }
     if v.name == "ssh-chacha" and not args.rtt_all_ssh:
         steps.pop("rtt40")
+    if v.name == "socat":  # a baseline for the data path only: no delay line, no idle streams
+        steps.pop("rtt40")
+        steps.pop("memory")
     for name in [w for w in WORKLOADS if w in args.workloads]:
         if name not in steps:
             continue
@@ -1225,6 +1268,8 @@ def table(results: dict, variants: list[str]) -> str:
         ratio_cols.append(("relay/ssh-aes", "relay", "ssh-aes"))
     if "relay" in cols and "ssh-chacha" in cols:
         ratio_cols.append(("relay/ssh-chacha", "relay", "ssh-chacha"))
+    if "relay" in cols and "socat" in cols:
+        ratio_cols.append(("relay/socat", "relay", "socat"))
     if "relay" in cols and "direct" in cols:
         ratio_cols.append(("relay/direct", "relay", "direct"))
     header = ["workload", "unit", *cols, *(c[0] for c in ratio_cols)]
@@ -1269,7 +1314,7 @@ def plot(results: dict, variants: list[str], path: Path, title: str) -> bool:
         log("matplotlib is not installed: no plot (.venv/bin/pip install matplotlib)")
         return False
     base = "ssh-aes"
-    shown = [v for v in ("relay", "ssh-chacha", "direct") if v in variants and v != base]
+    shown = [v for v in ("relay", "ssh-chacha", "socat", "direct") if v in variants and v != base]
     if base not in variants or not shown:
         log("plot needs ssh-aes and another variant: no plot")
         return False
@@ -1283,7 +1328,7 @@ def plot(results: dict, variants: list[str], path: Path, title: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(12, 6.5), dpi=80)
     width = 0.8 / len(shown)
-    colors = {"relay": "#1f77b4", "ssh-chacha": "#ff7f0e", "direct": "#9a9a9a"}
+    colors = {"relay": "#1f77b4", "ssh-chacha": "#ff7f0e", "socat": "#2ca02c", "direct": "#9a9a9a"}
     for i, v in enumerate(shown):
         xs, ys = [], []
         for j, (k, _, hib) in enumerate(keys):
@@ -1329,6 +1374,8 @@ def missing_tools(variants: list[str], workloads: list[str]) -> list[str]:
         need.add("nginx")
     if any(v.startswith("ssh") for v in variants):
         need |= {"sshd", "ssh", "ssh-keygen"}
+    if "socat" in variants:
+        need.add("socat")
     found = {t for t in need if tool(t)}
     return sorted(need - found)
 
@@ -1404,6 +1451,7 @@ def parse_args(argv=None):
         args.seconds = 1.0 if args.quick else 4.0
     if args.streams is None:
         args.streams = 200 if args.quick else 2000
+    args.gib_bytes = 2**27 if args.quick else 2**30
     return args
 
 
@@ -1444,7 +1492,13 @@ def main(argv=None) -> int:
         for name in VARIANTS:
             if name not in args.variants:
                 continue
-            cls = {"direct": Direct, "ssh-aes": Ssh, "ssh-chacha": Ssh, "relay": Relay}[name]
+            cls = {
+                "direct": Direct,
+                "socat": Socat,
+                "ssh-aes": Ssh,
+                "ssh-chacha": Ssh,
+                "relay": Relay,
+            }[name]
             v = cls(name=name, targets=targets.ports[name], procs=procs, work=work)
             log(f"{LABELS[name]}: starting")
             try:
