@@ -231,6 +231,27 @@ def test_silent_tunnel_is_declared_dead_and_ports_are_freed(world, state):
     assert [c for c in world.clock.getDelayedCalls() if c.func == agent.service._connect] or not agent.service.running
 
 
+def test_dead_tunnel_is_noticed_at_dead_timeout_not_a_heartbeat_later(world, state):
+    """Silence is judged from the last byte received, to the moment: with 5 s x 3 a tunnel
+    whose last byte came at t is dead at t + 15 s, not at the first PING after that."""
+    settings = TunnelSettings(heartbeat_interval=5, dead_after=3)
+    world.relay.settings = RelaySettings(tunnel_port=7835, tunnel=settings)
+    agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, tunnel=settings)
+    agent.flush()
+    world.clock.advance(7)  # between heartbeats, both ends hear each other one last time
+    agent.tunnel.session.send_ping()
+    agent.tunnel.flush()
+    agent.flush()
+    last_heard = world.clock.seconds()
+    for _ in range(149):  # the path dies; a tenth of a second at a time
+        world.clock.advance(0.1)
+    assert not agent.relay_tunnel.transport.disconnecting  # 14.9 s of silence: not yet
+    world.clock.advance(0.15)
+    assert world.clock.seconds() - last_heard < 15.1
+    assert agent.relay_tunnel.transport.disconnecting
+    assert agent.tunnel.transport.disconnecting
+
+
 def test_handshake_timeout_closes_a_silent_connection(world):
     server = world.server_tls.buildProtocol(None)
     transport = iosim.FakeTransport(server, True)

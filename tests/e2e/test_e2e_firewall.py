@@ -319,13 +319,14 @@ def test_half_dead_tunnel_short_heartbeat(harness, figures):
         detect_within=8,
         label="1 s x 3",
     )
-    # The check runs at each beat, so: more than 3 intervals of silence, at most 4 (+ slack).
+    # Dead at 3 s of silence after the last byte, which came at most one interval before the
+    # freeze: between 2 and 3 s after it (+ slack for two processes on 2 busy cores).
     for who, took in (("relay", relay_s), ("agent", agent_s)):
-        assert 2.0 <= took <= 5.5, f"the {who} noticed after {took:.2f} s"
+        assert 2.0 <= took <= 4.5, f"the {who} noticed after {took:.2f} s"
 
 
 def test_half_dead_tunnel_default_heartbeat(harness, figures):
-    """The defaults (15 s x 3): documented as noticed 45-60 s after the last byte. ~65 s."""
+    """The defaults (15 s x 3): documented as noticed 45 s after the last byte. ~50 s."""
     relay_s, agent_s = _half_dead(harness, figures, [], detect_within=70, label="defaults 15 s x 3")
     for who, took in (("relay", relay_s), ("agent", agent_s)):
-        assert 30.0 <= took <= 62.0, f"the {who} noticed after {took:.2f} s"
+        assert 30.0 <= took <= 47.0, f"the {who} noticed after {took:.2f} s"
