@@ -111,13 +111,17 @@ def children_of(pid: int) -> list[int]:
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of pid, from /proc/PID/stat utime and stime."""
+    """(user, system) CPU seconds of pid and of its children it has waited for, from
+    /proc/PID/stat utime+cutime and stime+cstime: socat's per-connection children have
+    exited, and been reaped, by the time a workload ends."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0, 0.0
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    user = int(fields[11]) + int(fields[13])
+    system = int(fields[12]) + int(fields[14])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def cpu_seconds(pid: int) -> float:
