@@ -30,6 +30,40 @@ _RECORD_READ_SIZE = 2**14 + 256
 _DELIVER_SIZE = 64 * 1024 + 64
 
 
+def send_now(transport, chunks: list[bytes]) -> None:
+    """transport.writeSequence(chunks), but handed to the kernel at once when the transport
+    has nothing queued: Twisted would wait for the next reactor turn (an epoll round and
+    two epoll_ctl calls) before sending, on every hop of every small message.
+
+    Only a plain TCP transport with an empty buffer is written to directly, so the order
+    of bytes is kept; whatever the kernel does not take, and any error, goes to Twisted's
+    own buffer, whose next write attempt then reports the error as it always does.
+    """
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+        or transport._tempDataBuffer
+        or transport.offset != len(transport.dataBuffer)
+    ):
+        transport.writeSequence(chunks)
+        return
+    try:
+        sent = sock.sendmsg(chunks) if len(chunks) > 1 else sock.send(chunks[0])
+    except OSError:  # EAGAIN, or an error Twisted will meet and handle on its own write
+        sent = 0
+    for index, chunk in enumerate(chunks):
+        if sent < len(chunk):
+            rest = chunks[index:]
+            if sent:
+                rest[0] = chunk[sent:]
+            transport.writeSequence(rest)
+            return
+        sent -= len(chunk)
+
+
 class TunnelTLSProtocol(TLSMemoryBIOProtocol):
     def _write(self, data) -> None:
         if self._lostTLSConnection:
@@ -55,7 +89,7 @@ class TunnelTLSProtocol(TLSMemoryBIOProtocol):
             except WantReadError:
                 break
         if chunks:
-            self.transport.writeSequence(chunks)
+            send_now(self.transport, chunks)
 
     def _flushReceiveBIO(self) -> None:
         chunks: list[bytes] = []

@@ -35,6 +35,7 @@ from .protocol import (
     StreamOpened,
     StreamReset,
 )
+from .tlswire import send_now
 
 # The tunnel socket's user-space send buffer before Twisted pauses us. The default 64 KiB
 # makes every stream pause and resume every 64 KiB (research §2.2: 16 128 cycles/GiB).
@@ -141,7 +142,7 @@ class Stream(Protocol):
         if self.transport is None:
             self._early.append(data)  # credited when connectionMade delivers it, not twice
             return
-        self.transport.write(data)
+        send_now(self.transport, [data])
         if self.write_paused:
             self.uncredited += len(data)
         else:

@@ -1,0 +1,113 @@
+"""send_now: bytes go to the kernel at once when nothing is queued, else to Twisted's buffer,
+always in order. A fake transport with Twisted's buffer attributes around a real socketpair."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from relay.tlswire import send_now
+
+
+class FakeTCP:
+    """The attributes of twisted.internet.abstract.FileDescriptor that send_now reads."""
+
+    def __init__(self, sock):
+        self.socket = sock
+        self.connected = True
+        self.disconnecting = False
+        self._writeDisconnected = False
+        self._tempDataBuffer: list[bytes] = []
+        self.dataBuffer = b""
+        self.offset = 0
+        self.queued: list[bytes] = []
+
+    def writeSequence(self, chunks):
+        self.queued.extend(chunks)
+        self._tempDataBuffer.extend(chunks)
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(5)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def read(sock, n):
+    out = b""
+    for _ in range(1000):
+        if len(out) >= n:
+            break
+        out += sock.recv(n - len(out))
+    return out
+
+
+def test_nothing_queued_goes_to_the_kernel_at_once(pair):
+    a, b = pair
+    t = FakeTCP(a)
+    send_now(t, [b"head", b"er", b"-payload"])
+    assert t.queued == []
+    assert read(b, 14) == b"header-payload"
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"_tempDataBuffer": [b"earlier"]},
+        {"dataBuffer": b"earlier", "offset": 2},
+        {"disconnecting": True},
+        {"_writeDisconnected": True},
+        {"connected": False},
+    ],
+)
+def test_anything_queued_or_closing_leaves_it_to_twisted(pair, state):
+    a, b = pair
+    t = FakeTCP(a)
+    for name, value in state.items():
+        setattr(t, name, value)
+    send_now(t, [b"later"])
+    assert t.queued == [b"later"]  # behind what was queued, never ahead of it
+    b.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        b.recv(10)
+
+
+def test_what_the_kernel_does_not_take_is_queued_in_order(pair):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    t = FakeTCP(a)
+    chunks = [bytes([i]) * 100_000 for i in range(3)]
+    send_now(t, chunks)
+    assert t.queued, "a 300 kB write cannot fit a 4 KiB send buffer"
+    sent = b"".join(chunks)[: 300_000 - sum(map(len, t.queued))]
+    assert sent + b"".join(t.queued) == b"".join(chunks)
+    assert read(b, len(sent)) == sent
+
+
+def test_a_socket_error_leaves_everything_to_twisted(pair):
+    a, b = pair
+    b.close()
+    t = FakeTCP(a)
+    for _ in range(3):  # the first send may still succeed; then EPIPE/ECONNRESET
+        t.queued.clear()
+        t._tempDataBuffer.clear()
+        send_now(t, [b"x" * 1000])
+    assert t.queued == [b"x" * 1000]
+
+
+def test_a_transport_without_a_socket_is_written_as_usual():
+    class Plain:
+        def __init__(self):
+            self.queued = []
+
+        def writeSequence(self, chunks):
+            self.queued.extend(chunks)
+
+    t = Plain()
+    send_now(t, [b"a", b"b"])
+    assert t.queued == [b"a", b"b"]
