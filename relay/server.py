@@ -143,8 +143,9 @@ class RelayTunnel(Tunnel):
 
     def _too_slow(self) -> None:
         self._handshake_timer = None
-        self.relay.throttled.warn(
-            "too-slow",
+        # Not rate-limited: the handshake slots bound it (one line per slot per
+        # handshake-timeout; 1.6 lines/s at most from one address at the defaults).
+        self.log.warn(
             "tunnel {peer}: no TLS handshake and hello within {t:.0f} s; closing",
             peer=self.peer,
             t=self.relay.settings.handshake_timeout,
