@@ -66,6 +66,9 @@ class Options(usage.Options):
         self["expose"].append(value)
 
     def postOptions(self) -> None:
+        # What came on the command line itself, before the --config file fills in: secrets
+        # there are visible to every local user (ps, /proc/PID/cmdline).
+        on_argv = {name: self.get(name) for name in ("token", "proxy")}
         try:
             self.update(merge(self, OPTIONS))
         except ConfigError as e:
@@ -84,6 +87,11 @@ class Options(usage.Options):
             self["proxy-url"] = parse_proxy_url(self["proxy"]) if self["proxy"] else None
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if on_argv["proxy"] and self["proxy-url"].password:
+            log.warn(
+                "the proxy password was given on the command line, where other local users can "
+                "see it; put proxy = \"...\" in the --config file (mode 0600) or set HTTPS_PROXY"
+            )
         self["client-certificate"] = None
         if self["cert"]:
             # The relay authenticates by the certificate when one is presented, so a token
@@ -95,7 +103,7 @@ class Options(usage.Options):
             self["client-certificate"] = read_client_certificate(self["cert"])
             self["token-value"] = None
         else:
-            self["token-value"] = read_token(self["token"], self["token-file"], os.environ)
+            self["token-value"] = read_token(self["token"], self["token-file"], os.environ, bool(on_argv["token"]))
 
 
 def parse_exposes(specs: list[str]) -> dict[int, Target]:
@@ -122,7 +130,7 @@ def read_client_certificate(cert_file: str):
     return certificate
 
 
-def read_token(token: str | None, token_file: str | None, env) -> str:
+def read_token(token: str | None, token_file: str | None, env, on_argv: bool = True) -> str:
     """The token from --token-file, --token or $RELAY_TOKEN (in that order); UsageError if none.
 
     Not called with --cert: a certificate agent needs no token."""
@@ -136,7 +144,8 @@ def read_token(token: str | None, token_file: str | None, env) -> str:
             log.warn("token file {file} is readable by other users; chmod 600 it", file=token_file)
     elif token:
         value = token
-        log.warn("the token was given on the command line, where other local users can see it; prefer --token-file")
+        if on_argv:
+            log.warn("the token was given on the command line, where other local users can see it; prefer --token-file")
     else:
         value = env.get("RELAY_TOKEN", "")
     if not value:
