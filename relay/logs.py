@@ -30,10 +30,17 @@ class ThrottledLog:
         if last is not None and now - last < self._interval:
             self._last[key] = (last, held + 1)
             return
-        if len(self._last) >= MAX_KEYS:
-            self._last.clear()
+        if key not in self._last and len(self._last) >= MAX_KEYS:
+            self._make_room(now)
         self._last[key] = (now, 0)
         if held:
             format += " ({held} more like this in the last {interval:.0f} s)"
             fields.update(held=held, interval=self._interval)
         emit(format, **fields)
+
+    def _make_room(self, now: float) -> None:
+        # Forget keys whose interval is over (their next event logs anyway), else the
+        # oldest one: never all at once, which would lift every limit together.
+        expired = [k for k, (last, _) in self._last.items() if now - last >= self._interval]
+        for k in expired or [next(iter(self._last))]:
+            del self._last[k]

@@ -280,8 +280,10 @@ class RelayTunnel(Tunnel):
 
     def stream_was_reset(self, stream: Stream, code: int, by_peer: bool) -> None:
         if by_peer and code not in (ErrorCode.RESET_BY_PEER, ErrorCode.NORMAL):
+            # The code is the peer's to choose: keyed by it, made-up codes would each get a line.
+            known = code in ErrorCode._value2member_map_
             self.throttled.info(
-                f"reset:{code}",
+                f"reset:{code if known else 'other'}",
                 "agent {agent}: stream for port {port} refused: {code}",
                 agent=self.agent_name,
                 port=getattr(stream, "public_port", "?"),

@@ -1,0 +1,78 @@
+"""ThrottledLog: one line per key per interval, and a full key table never lifts every limit."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
+
+from relay import logs
+from relay.logs import ThrottledLog
+
+
+def throttled():
+    lines: list[str] = []
+    log = Logger(observer=lambda event: lines.append(formatEvent(event)))
+    clock = Clock()
+    return ThrottledLog(log, clock.seconds), clock, lines
+
+
+def test_one_line_per_key_per_interval_with_the_count_held_back():
+    t, clock, lines = throttled()
+    for _ in range(5):
+        t.warn("k", "refused {n}", n=1)
+    assert lines == ["refused 1"]
+    clock.advance(10)
+    t.warn("k", "refused {n}", n=2)
+    assert lines[-1] == "refused 2 (4 more like this in the last 10 s)"
+
+
+def test_a_full_table_forgets_expired_keys_not_the_live_ones():
+    t, clock, lines = throttled()
+    t.warn("flooded", "flood")
+    clock.advance(10)
+    for i in range(logs.MAX_KEYS - 1):
+        t.warn(f"other:{i}", "other")  # the table is full now; "flooded" expired
+    clock.advance(1)
+    t.warn("one-more", "one more")  # makes room by dropping "flooded" only
+    before = len(lines)
+    t.warn("other:0", "other")  # still within its interval: held back
+    assert len(lines) == before
+
+
+def test_a_full_table_of_live_keys_drops_the_oldest_only():
+    t, clock, lines = throttled()
+    for i in range(logs.MAX_KEYS):
+        t.warn(f"k:{i}", "line")
+    t.warn("new", "line")
+    before = len(lines)
+    for i in range(1, logs.MAX_KEYS):
+        t.warn(f"k:{i}", "line")
+    assert len(lines) == before  # only k:0 was forgotten; all the others stay limited
+
+
+def test_reset_codes_a_peer_makes_up_share_one_limit(state):
+    """The agent chooses a RESET's code: made-up codes must not each get a log line."""
+    from twisted.logger import globalLogPublisher
+
+    from relay.protocol import ErrorCode
+
+    from .inmemory import World, stream, up
+
+    world = World(state)
+    agent = up(world, state)
+    client, client_sock, target, target_sock = stream(world, agent)
+    lines: list[str] = []
+
+    def observe(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for code in range(1000, 1100):
+            agent.relay_tunnel.stream_was_reset(client, code, by_peer=True)
+        agent.relay_tunnel.stream_was_reset(client, ErrorCode.CONNECT_FAILED, by_peer=True)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    refused = [line for line in lines if "refused: " in line]
+    assert len(refused) == 2, refused  # one for all the made-up codes, one for CONNECT_FAILED
+    assert "CONNECT_FAILED" in refused[1]
