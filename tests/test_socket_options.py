@@ -1,0 +1,88 @@
+"""The tunnel's socket options (keepalive, TCP_USER_TIMEOUT, TCP_NODELAY) and TLS 1.3 only."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+
+from relay.tls import server_options
+from relay.tunnel import tune_socket
+
+
+class Handle:
+    def __init__(self, sock):
+        self.sock = sock
+
+    def getHandle(self):  # noqa: N802 (Twisted's name)
+        return self.sock
+
+
+@pytest.fixture
+def tcp():
+    with socket.socket() as s:
+        yield s
+
+
+def test_tunnel_socket_gets_nodelay_keepalive_and_user_timeout(tcp):
+    tune_socket(Handle(tcp), keepalive=True, user_timeout=45.0)
+    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 45_000
+
+
+def test_stream_sockets_get_nodelay_only(tcp):
+    tune_socket(Handle(tcp))
+    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert not tcp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+
+
+def _handshake(server_ctx_options, client_ctx: ssl.SSLContext) -> str | None:
+    """A TLS handshake over a socketpair between the relay's OpenSSL options and a stdlib client;
+    the negotiated version, or None if the handshake failed."""
+    from OpenSSL import SSL
+
+    a, b = socket.socketpair()
+    a.setblocking(True)  # pyOpenSSL on a socket with a timeout raises WantReadError
+    b.settimeout(5)
+    server = SSL.Connection(server_ctx_options.getContext(), a)
+    server.set_accept_state()
+    client = client_ctx.wrap_socket(b, do_handshake_on_connect=False)
+    import threading
+
+    errors = []
+
+    def serve():
+        try:
+            server.do_handshake()
+        except SSL.Error as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client.do_handshake()
+        version = client.version()
+    except (ssl.SSLError, OSError):
+        version = None
+    client.close()
+    thread.join(5)  # the client's close ends a server handshake still waiting
+    a.close()
+    return version
+
+
+def test_the_relay_refuses_tls_1_2_and_speaks_1_3(state):
+    options = server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # this test is about the version, not identity or ALPN
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert _handshake(options, ctx) is None
+    ctx13 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx13.check_hostname = False
+    ctx13.verify_mode = ssl.CERT_NONE
+    assert _handshake(options, ctx13) == "TLSv1.3"
