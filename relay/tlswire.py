@@ -8,8 +8,10 @@ comes out of OpenSSL differs (measured in docs/performance.md):
   every tunnel write, and a copy;
 - one SSL_write per write, on a memoryview: OpenSSL cuts the 16 KiB records itself, where
   Twisted sliced (copied) 16 KiB pieces and called SSL_write and bio_read for each;
-- everything OpenSSL produced leaves in one writeSequence, and decrypted records reach the
-  tunnel up to 64 KiB at a time (one whole DATA frame), not one call per 16 KiB record.
+- everything OpenSSL produced leaves in one write, and decrypted records reach the
+  tunnel up to 64 KiB at a time (one whole DATA frame), not one call per 16 KiB record;
+- that write, like a stream's delivery to its socket, goes to the kernel at once when
+  nothing is queued (send_now), not at the reactor's next turn.
 """
 
 from __future__ import annotations
