@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
 from relay.state import State, init_state
 
@@ -15,6 +16,19 @@ def state(tmp_path):
     """A relay state dir with a CA and a server certificate for localhost."""
     init_state(tmp_path / "st", ["localhost"])
     return State(tmp_path / "st")
+
+
+@pytest.fixture
+def logs():
+    """Every twisted.logger event during the test, formatted as text."""
+    lines: list[str] = []
+
+    def observe(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 # --- pproxy: a real third-party SOCKS4/SOCKS5/HTTP proxy, run as a subprocess on loopback

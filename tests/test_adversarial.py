@@ -17,7 +17,6 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -49,18 +48,6 @@ from .inmemory import CLIENT, FakeTargets, World, stream, token, up
 
 CHUNK = 64 * defaults.KiB  # one socket read
 WINDOW = defaults.INITIAL_WINDOW
-
-
-@pytest.fixture
-def logs():
-    lines: list[str] = []
-
-    def observe(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def matching(lines: list[str], text: str) -> list[str]:

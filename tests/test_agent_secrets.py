@@ -3,22 +3,7 @@ and only when they really came from the command line (not from the --config file
 
 from __future__ import annotations
 
-import pytest
-from twisted.logger import formatEvent, globalLogPublisher
-
 from relay import agent_tap
-
-
-@pytest.fixture
-def logs():
-    lines: list[str] = []
-
-    def observe(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def options(*argv):

@@ -50,10 +50,8 @@ def test_a_full_table_of_live_keys_drops_the_oldest_only():
     assert len(lines) == before  # only k:0 was forgotten; all the others stay limited
 
 
-def test_reset_codes_a_peer_makes_up_share_one_limit(state):
+def test_reset_codes_a_peer_makes_up_share_one_limit(state, logs):
     """The agent chooses a RESET's code: made-up codes must not each get a log line."""
-    from twisted.logger import globalLogPublisher
-
     from relay.protocol import ErrorCode
 
     from .inmemory import World, stream, up
@@ -61,18 +59,9 @@ def test_reset_codes_a_peer_makes_up_share_one_limit(state):
     world = World(state)
     agent = up(world, state)
     client, client_sock, target, target_sock = stream(world, agent)
-    lines: list[str] = []
-
-    def observe(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        for code in range(1000, 1100):
-            agent.relay_tunnel.stream_was_reset(client, code, by_peer=True)
-        agent.relay_tunnel.stream_was_reset(client, ErrorCode.CONNECT_FAILED, by_peer=True)
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    refused = [line for line in lines if "refused: " in line]
+    for code in range(1000, 1100):
+        agent.relay_tunnel.stream_was_reset(client, code, by_peer=True)
+    agent.relay_tunnel.stream_was_reset(client, ErrorCode.CONNECT_FAILED, by_peer=True)
+    refused = [line for line in logs if "refused: " in line]
     assert len(refused) == 2, refused  # one for all the made-up codes, one for CONNECT_FAILED
     assert "CONNECT_FAILED" in refused[1]

@@ -13,7 +13,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from relay import agent_tap
@@ -35,18 +34,6 @@ EXPOSE = {8080: Target("127.0.0.1", 80)}
 @pytest.fixture
 def world(state):
     return World(state)
-
-
-@pytest.fixture
-def logs():
-    lines: list[str] = []
-
-    def observe(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def issue(state, tmp_path, name="a1", ports="8080,9000-9001"):
