@@ -23,13 +23,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-# How much ciphertext one bio_read takes out of the send BIO; it is drained in a loop.
-_BIO_READ_SIZE = 256 * 1024
+# The least ciphertext one bio_read asks for (more after a large write).
+_BIO_READ_SIZE = 64 * 1024
 # SSL_read returns at most one record's plaintext (16 KiB) per call.
 _RECORD_READ_SIZE = 2**14 + 256
-# Plaintext handed to the tunnel in one call: a whole 64 KiB DATA frame, but not a whole 4 MiB
-# socket read, so what one call makes the tunnel allocate (a PING's PONG, say) stays small.
-_DELIVER_SIZE = 64 * 1024 + 64
+# Plaintext handed to the tunnel in one call: four whole 64 KiB DATA frames (one send to the
+# stream's socket), but not a whole 1 MiB socket read, so what one call makes the tunnel
+# allocate (PINGs' PONGs, say) stays small.
+_DELIVER_SIZE = 256 * 1024 + 64
 
 
 def send_now(transport, chunks: list[bytes]) -> None:
@@ -50,7 +51,7 @@ def send_now(transport, chunks: list[bytes]) -> None:
         or transport._tempDataBuffer
         or transport.offset != len(transport.dataBuffer)
     ):
-        transport.writeSequence(chunks)
+        _queue(transport, chunks)
         return
     try:
         sent = sock.sendmsg(chunks) if len(chunks) > 1 else sock.send(chunks[0])
@@ -61,9 +62,15 @@ def send_now(transport, chunks: list[bytes]) -> None:
             rest = chunks[index:]
             if sent:
                 rest[0] = chunk[sent:]
-            transport.writeSequence(rest)
+            _queue(transport, rest)
             return
         sent -= len(chunk)
+
+
+def _queue(transport, chunks: list) -> None:
+    # Received payloads are memoryviews of the TLS read (frames.FrameDecoder); Twisted's
+    # buffer takes only bytes, so what waits there is copied, what the kernel took was not.
+    transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
 
 
 class TunnelTLSProtocol(TLSMemoryBIOProtocol):
@@ -81,14 +88,21 @@ class TunnelTLSProtocol(TLSMemoryBIOProtocol):
             except Error:
                 self._tlsShutdownFinished(Failure())
                 return
-        self._flushSendBIO()
+        self._flushSendBIO(done)
 
-    def _flushSendBIO(self) -> None:
+    def _flushSendBIO(self, written: int = 0) -> None:
+        # Sized to hold all the records of what was just written, so one bio_read drains the
+        # BIO; a read that comes back short proves it empty without a second call (whose
+        # WantReadError would cost an exception per write).
+        size = max(_BIO_READ_SIZE, written + written // 512 + 1024)
         chunks = []
         while True:
             try:
-                chunks.append(self._tlsConnection.bio_read(_BIO_READ_SIZE))
+                chunk = self._tlsConnection.bio_read(size)
             except WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < size:
                 break
         if chunks:
             send_now(self.transport, chunks)

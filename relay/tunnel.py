@@ -43,6 +43,9 @@ from .tlswire import send_now
 # frame: 4 MiB cost a small stream beside a bulk one milliseconds of queueing for no gain
 # in throughput over 1 MiB (bench/, docs/performance.md).
 TUNNEL_BUFFER_SIZE = 1 * defaults.MiB
+# How much one read of a stream's socket takes (Twisted's default is 64 KiB): a bulk stream's
+# reactor turn, TLS write and tunnel send each carry up to four 64 KiB frames instead of one.
+STREAM_READ_SIZE = 256 * defaults.KiB
 CLOSE_GRACE = 5.0  # after GOAWAY and close, how long before we abort (TLS close_notify may never come)
 
 
@@ -103,11 +106,13 @@ class Stream(Protocol):
 
     def connectionMade(self) -> None:
         tune_socket(self.transport)
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = STREAM_READ_SIZE
         self.transport.registerProducer(self, True)
         if self._early or self._early_fin:
             early, self._early = self._early, []
-            for chunk in early:
-                self.deliver(chunk)
+            if early:
+                self.deliver(early)
             if self._early_fin:
                 self.deliver_fin()
         self.update_reading()
@@ -138,15 +143,17 @@ class Stream(Protocol):
 
     # tunnel -> socket
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, chunks: list[bytes]) -> None:
+        """Write what the peer sent (the payloads of consecutive DATA frames) to our socket."""
         if self.transport is None:
-            self._early.append(data)  # credited when connectionMade delivers it, not twice
+            self._early += chunks  # credited when connectionMade delivers it, not twice
             return
-        send_now(self.transport, [data])
+        send_now(self.transport, chunks)
+        size = sum(map(len, chunks)) if len(chunks) > 1 else len(chunks[0])
         if self.write_paused:
-            self.uncredited += len(data)
+            self.uncredited += size
         else:
-            self.tunnel.session.consumed(self.stream_id, len(data) + self.uncredited)
+            self.tunnel.session.consumed(self.stream_id, size + self.uncredited)
             self.uncredited = 0
 
     def deliver_fin(self) -> None:
@@ -320,13 +327,30 @@ class Tunnel(Protocol):
                 n=self.session.refused_opens - refused,
                 max=self.settings.max_streams,
             )
+        # Consecutive DATA for one stream (a bulk stream's frames from one TLS read) go to
+        # its socket in one send.
+        held: Stream | None = None
+        chunks: list[bytes] = []
         for event in events:
             kind = type(event)
+            if kind is DataReceived and event.data and not event.fin:
+                stream = self.streams.get(event.stream_id)
+                if stream is None:
+                    continue  # closed on our side; the session already forgot or will
+                if stream is not held:
+                    if held is not None:
+                        held.deliver(chunks)
+                    held, chunks = stream, []
+                chunks.append(event.data)
+                continue
+            if held is not None:
+                held.deliver(chunks)
+                held, chunks = None, []
             if kind is DataReceived:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     if event.data:
-                        stream.deliver(event.data)
+                        stream.deliver([event.data])
                     if event.fin:
                         stream.deliver_fin()
             elif kind is SendWindowOpened:
@@ -358,6 +382,8 @@ class Tunnel(Protocol):
                 self.go_away_received(event.code, event.reason)
             elif kind is PongReceived:
                 pass  # the session keeps the RTT; arrival already counted as liveness
+        if held is not None:
+            held.deliver(chunks)
         self.flush()
 
     # hooks for the two ends

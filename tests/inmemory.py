@@ -20,12 +20,19 @@ CLIENT = IPv4Address("TCP", "203.0.113.7", 40000)
 
 
 class FakeSocket(StringTransport):
-    """A TCP transport that remembers half-close and abort."""
+    """A TCP transport that remembers half-close and abort, and every writeSequence call."""
+
+    bufferSize = 2**16  # what one read of a Twisted TCP transport takes, unless told otherwise
 
     def __init__(self, peer=CLIENT):
         super().__init__(peerAddress=peer)
         self.write_closed = False
         self.aborted = False
+        self.sequences: list[int] = []  # chunks per writeSequence call
+
+    def writeSequence(self, data):
+        self.sequences.append(len(data))
+        super().writeSequence(data)
 
     def loseWriteConnection(self):
         self.write_closed = True

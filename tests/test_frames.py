@@ -131,6 +131,32 @@ def test_encode_data_matches_encode():
     assert encode_data(3, b"abc") == encode(Data(3, b"abc"))
 
 
+def test_data_header_is_encode_data_without_the_payload():
+    assert frames.data_header(3, 3, True) + b"abc" == encode_data(3, b"abc", True)
+    with pytest.raises(ValueError, match="exceeds"):
+        frames.data_header(1, defaults.MAX_DATA_PAYLOAD + 1)
+
+
+def test_data_payloads_are_views_of_the_input_not_copies():
+    big = bytes(range(256)) * 256  # a whole 64 KiB frame
+    blob = encode_data(1, b"abc") + encode(Ping(7)) + encode_data(3, big, True)
+    data, ping, last = FrameDecoder().feed(blob)
+    assert isinstance(data.payload, memoryview) and data.payload.obj is blob
+    assert data.payload.readonly and data.payload == b"abc"
+    assert last.payload.obj is blob and last.payload == big and last.fin
+    assert ping == Ping(7)
+
+
+def test_payloads_of_a_frame_that_was_buffered_are_their_own_bytes():
+    blob = encode_data(1, b"abcdef")
+    decoder = FrameDecoder()
+    decoder.feed(blob[:4])
+    (frame,) = decoder.feed(blob[4:])
+    assert type(frame.payload) is bytes and frame.payload == b"abcdef"
+    decoder.feed(blob[:4])  # the buffer is reused; what was handed out does not change
+    assert frame.payload == b"abcdef"
+
+
 def test_types_are_decoded_to_their_classes():
     assert type(decode_one(encode(Ping(1, ack=True)))) is Ping
     assert decode_one(encode(Ping(1, ack=True))).ack is True

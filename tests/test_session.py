@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from relay import defaults
 from relay.protocol.frames import (
+    HEADER_SIZE,
     MAX_STREAM_ID,
     Control,
     Data,
@@ -200,6 +201,22 @@ def test_large_send_is_split_into_64k_frames():
     assert [len(f.payload) for f in sent] == [65536, 65536, 65536, 8192]
     assert all(f == Data(sid, f.payload, False) for f in sent)
     assert b"".join(f.payload for f in sent) == blob
+
+
+def test_data_goes_out_as_header_and_view_without_a_copy():
+    pair = Pair()
+    sid = pair.open()
+    pair.relay.data_to_send()
+    blob = os.urandom(200 * KiB)
+    pair.relay.send_data(sid, blob)
+    out = pair.relay.data_to_send()
+    headers, payloads = out[0::2], out[1::2]
+    assert [len(h) for h in headers] == [HEADER_SIZE] * 4
+    assert all(isinstance(p, memoryview) and p.obj is blob for p in payloads)
+    assert b"".join(payloads) == blob
+    small = b"x" * 100  # within one frame and the window: the object itself
+    pair.relay.send_data(sid, small)
+    assert pair.relay.data_to_send()[1] is small
 
 
 def test_send_beyond_window_completes_as_the_receiver_consumes():

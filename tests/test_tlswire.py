@@ -24,6 +24,9 @@ class FakeTCP:
         self.queued: list[bytes] = []
 
     def writeSequence(self, chunks):
+        for chunk in chunks:  # as Twisted's FileDescriptor.writeSequence checks
+            if not isinstance(chunk, bytes):
+                raise TypeError(f"Data must be bytes, not {type(chunk).__name__}")
         self.queued.extend(chunks)
         self._tempDataBuffer.extend(chunks)
 
@@ -87,6 +90,25 @@ def test_what_the_kernel_does_not_take_is_queued_in_order(pair):
     sent = b"".join(chunks)[: 300_000 - sum(map(len, t.queued))]
     assert sent + b"".join(t.queued) == b"".join(chunks)
     assert read(b, len(sent)) == sent
+
+
+@pytest.mark.parametrize("queued_before", [False, True])
+def test_memoryviews_are_sent_as_they_are_and_queued_as_bytes(pair, queued_before):
+    # Received DATA payloads are memoryviews of the TLS read (FrameDecoder); Twisted's buffer
+    # takes only bytes.
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    t = FakeTCP(a)
+    if queued_before:
+        t._tempDataBuffer = [b"earlier"]
+    blob = bytes(range(256)) * 1200
+    chunks = [memoryview(blob)[:100_000], memoryview(blob)[100_000:]]
+    send_now(t, chunks)
+    assert t.queued and all(type(c) is bytes for c in t.queued)
+    sent = blob[: len(blob) - sum(map(len, t.queued))]
+    assert sent + b"".join(t.queued) == blob
+    assert read(b, len(sent)) == sent
+    assert (sent == b"") is queued_before
 
 
 def test_a_socket_error_leaves_everything_to_twisted(pair):

@@ -15,7 +15,7 @@ from relay.protocol.frames import HEADER, FrameDecoder, GoAway
 from relay.server import RelaySettings
 from relay.state import State, init_state
 from relay.tls import PinnedClientOptions, client_options_for_ca
-from relay.tunnel import TunnelSettings
+from relay.tunnel import STREAM_READ_SIZE, TunnelSettings
 
 from .inmemory import World, stream, token, up
 
@@ -109,6 +109,70 @@ def test_bytes_flow_both_ways_to_the_configured_target(world, state):
     target.dataReceived(b"HTTP/1.0 200 OK\r\n\r\nhi")
     agent.flush()
     assert client_sock.value() == b"HTTP/1.0 200 OK\r\n\r\nhi"
+
+
+def test_stream_sockets_are_read_256_kib_at_a_time(world, state):
+    agent = up(world, state)
+    _, client_sock, _, target_sock = stream(world, agent)
+    assert client_sock.bufferSize == target_sock.bufferSize == STREAM_READ_SIZE == 256 * 1024
+
+
+def test_one_read_of_bulk_data_reaches_the_target_in_one_write(world, state):
+    # 256 KiB read from the client is four 64 KiB DATA frames; delivered together from one
+    # TLS read, they go to the target socket in one writeSequence, not four writes.
+    agent = up(world, state)
+    client, _, _, target_sock = stream(world, agent)
+    data = bytes(range(256)) * 1024
+    client.dataReceived(data)
+    agent.flush()
+    assert target_sock.value() == data
+    assert target_sock.sequences == [4]
+    target_sock.clear()
+    target_sock.sequences.clear()
+    client.dataReceived(b"small")  # the window was credited back: more flows, one write
+    agent.flush()
+    assert target_sock.value() == b"small" and target_sock.sequences == [1]
+
+
+def test_a_large_tunnel_write_leaves_tls_in_one_bio_read(world, state):
+    # The send BIO is read with room for all the records of the write: one call, not a
+    # second one whose WantReadError proves it empty.
+    agent = up(world, state)
+    client, _, _, target_sock = stream(world, agent)
+    tls = agent.relay_tunnel.transport
+    connection = tls._tlsConnection
+    reads = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(connection, name)
+
+        def bio_read(self, size):
+            try:
+                out = connection.bio_read(size)
+            except Exception as e:
+                reads.append(type(e).__name__)
+                raise
+            reads.append(len(out))
+            return out
+
+    tls._tlsConnection = Counting()
+    data = bytes(range(256)) * 1024
+    client.dataReceived(data)
+    assert len(reads) == 1 and reads[0] > len(data)
+    agent.flush()
+    assert target_sock.value() == data
+
+
+def test_interleaved_streams_are_delivered_in_order_each(world, state):
+    agent = up(world, state)
+    a, _, _, a_target = stream(world, agent)
+    b, _, _, b_target = stream(world, agent)
+    for i in range(3):  # one TLS read carries a1 b1 a2 b2 a3 b3
+        a.dataReceived(b"a%d" % i)
+        b.dataReceived(b"b%d" % i)
+    agent.flush()
+    assert a_target.value() == b"a0a1a2" and b_target.value() == b"b0b1b2"
 
 
 def test_early_data_waits_for_the_target_connection(world, state):

@@ -177,7 +177,14 @@ def encode(frame: Frame) -> bytes:
 
 
 def encode_data(stream_id: int, payload: bytes, fin: bool = False) -> bytes:
-    return HEADER.pack(VERSION, FrameType.DATA, FLAG_FIN if fin else 0, stream_id, len(payload)) + payload
+    return data_header(stream_id, len(payload), fin) + payload
+
+
+def data_header(stream_id: int, length: int, fin: bool = False) -> bytes:
+    """The header of a DATA frame whose payload follows separately (no copy of the payload)."""
+    if length > _MAX_PAYLOAD[FrameType.DATA]:
+        raise ValueError(f"DATA payload of {length} bytes exceeds the limit")
+    return HEADER.pack(VERSION, FrameType.DATA, FLAG_FIN if fin else 0, stream_id, length)
 
 
 def _utf8_prefix(text: str, limit: int) -> bytes:
@@ -201,8 +208,9 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[Frame]:
         """All frames completed by data, in order; ProtocolError on the first bad one.
 
-        Frames wholly inside `data` are sliced from it (one copy, none for a frame that is
-        all of it); only a partial frame at the end is kept in the buffer.
+        Frames wholly inside `data` are taken from it without a copy: a DATA payload is a
+        read-only memoryview of `data` (bytes, so it cannot change under the view), other
+        payloads are bytes slices. Only a partial frame at the end is kept in the buffer.
         """
         if type(data) is not bytes:
             data = bytes(data)
@@ -212,6 +220,7 @@ class FrameDecoder:
             source = buf
         else:
             source = data
+            view = memoryview(data)
         frames: list[Frame] = []
         offset = 0
         end = len(source)
@@ -224,7 +233,7 @@ class FrameDecoder:
                     break
                 offset = start + length
                 if source is data:
-                    payload = data[start:offset]
+                    payload = view[start:offset] if kind is FrameType.DATA else data[start:offset]
                 else:
                     with memoryview(buf) as view:
                         payload = bytes(view[start:offset])

@@ -25,6 +25,7 @@ from .frames import (
     ProtocolError,
     Reset,
     Window,
+    data_header,
     encode,
     encode_data,
 )
@@ -433,16 +434,24 @@ class Session:
     # --- helpers ------------------------------------------------------------------------
 
     def _emit_data(self, stream: _Stream, data: bytes) -> int:
-        """Frame as much of data as the credit allows; returns how much went out."""
+        """Frame as much of data as the credit allows; returns how much went out.
+
+        Each frame goes out as its header and a view of data, not a copy: the TLS layer
+        joins what one flush hands it anyway, and that is the only copy before OpenSSL's.
+        """
         size = min(len(data), stream.send_credit)
         step = self._max_frame
+        out = self._out
         if size <= step:
             if size:
-                self._out.append(encode_data(stream.id, data[:size] if size < len(data) else data))
+                out.append(data_header(stream.id, size))
+                out.append(data if size == len(data) else memoryview(data)[:size])
         else:
             view = memoryview(data)
             for start in range(0, size, step):
-                self._out.append(encode_data(stream.id, view[start : min(start + step, size)].tobytes()))
+                end = min(start + step, size)
+                out.append(data_header(stream.id, end - start))
+                out.append(view[start:end])
         stream.send_credit -= size
         return size
 
