@@ -17,6 +17,11 @@ HEARTBEAT_DEAD_AFTER = 3
 # Flow control (see docs/protocol.md).
 INITIAL_WINDOW = 256 * KiB
 MAX_WINDOW = 16 * MiB
+# A window beyond this must be earned by the path's round trip: one stream needs at most
+# STREAM_RATE_CEILING * min RTT in flight. Short paths stop at SHORT_PATH_WINDOW, which covers
+# a busy host's scheduling gaps; more only queued bulk data in front of every other stream.
+SHORT_PATH_WINDOW = 2 * MiB
+STREAM_RATE_CEILING = 1_000_000_000  # bytes/s; one stream through CPython stays below it
 WINDOW_BUDGET = 64 * MiB  # per tunnel: growth of all stream windows above INITIAL_WINDOW
 MAX_DATA_PAYLOAD = 64 * KiB
 MAX_CONTROL_PAYLOAD = 16 * KiB

@@ -147,14 +147,29 @@ def test_data_payloads_are_views_of_the_input_not_copies():
     assert ping == Ping(7)
 
 
-def test_payloads_of_a_frame_that_was_buffered_are_their_own_bytes():
-    blob = encode_data(1, b"abcdef")
+def test_a_frame_split_across_feeds_takes_only_its_rest_and_keeps_its_payload():
+    first = encode_data(1, b"abcdef")
+    blob = first + encode_data(3, b"ghi") + encode(Ping(5))
     decoder = FrameDecoder()
-    decoder.feed(blob[:4])
-    (frame,) = decoder.feed(blob[4:])
-    assert type(frame.payload) is bytes and frame.payload == b"abcdef"
-    decoder.feed(blob[:4])  # the buffer is reused; what was handed out does not change
+    assert decoder.feed(blob[:4]) == []  # not even a whole header yet
+    assert decoder.feed(blob[4:15]) == []
+    assert decoder.buffered == 15
+    rest = blob[15:]
+    frame, whole, ping = decoder.feed(rest)
+    assert frame == Data(1, b"abcdef") and frame.payload.readonly
+    assert whole.payload.obj is rest  # frames after the straddling one are not copied
+    assert ping == Ping(5) and decoder.buffered == 0
+    decoder.feed(blob[:10])  # the next partial frame does not write over the payload
+    decoder.feed(blob[10:])
     assert frame.payload == b"abcdef"
+
+
+def test_a_control_frame_split_across_feeds_is_bytes():
+    blob = encode(Control({"type": "x"}))
+    decoder = FrameDecoder()
+    decoder.feed(blob[:14])
+    (frame,) = decoder.feed(blob[14:])
+    assert frame == Control({"type": "x"})
 
 
 def test_types_are_decoded_to_their_classes():

@@ -44,6 +44,7 @@ from relay.protocol.session import (
 )
 
 KiB = 1024
+MiB = 1024 * KiB
 SMALL = {"initial_window": 1024, "max_frame": 256}  # flow control visible with small numbers
 
 
@@ -600,6 +601,40 @@ def test_growth_is_judged_by_the_smallest_rtt_not_a_queued_one():
     pair.agent.consumed(sid, 256)
     assert drain_frames(pair.agent) == [Window(sid, 256)]
     assert pair.agent.recv_window(sid) == 1024
+
+
+def _grow_fast(pair: Pair, sid: int, rounds: int = 40) -> int:
+    """Consume a quarter window at a time, each within the round trip: as fast as it gets."""
+    for _ in range(rounds):
+        pair.clock.advance(pair.agent.min_rtt / 2)
+        pair.agent.consumed(sid, pair.agent.recv_window(sid) // 4)
+        pair.agent.data_to_send()
+    return pair.agent.recv_window(sid)
+
+
+@pytest.mark.parametrize(
+    "min_rtt, window",
+    [
+        # round trips exact in binary, so the fake clock measures them exactly
+        (2**-13, 2 * MiB),  # loopback (0.12 ms): the short-path window, not max_window
+        (2**-9, 2 * MiB),  # a LAN (2 ms): 1 GB/s x 1.95 ms is still below it
+        (2**-7, 7_812_500),  # 7.8 ms: 1 GB/s x 7.8 ms
+        (2**-5, 16 * MiB),  # a long path (31 ms) earns max_window
+    ],
+)
+def test_window_growth_is_capped_by_what_the_path_round_trip_needs(min_rtt, window):
+    pair = Pair()  # the real defaults: 256 KiB growing up to 16 MiB
+    pair.measure_rtt(pair.agent, min_rtt)
+    sid = pair.open()
+    assert _grow_fast(pair, sid) == window == pair.agent.window_cap
+    assert defaults.SHORT_PATH_WINDOW == 2 * MiB and defaults.MAX_WINDOW == 16 * MiB
+
+
+def test_a_configured_max_window_below_the_short_path_window_still_caps():
+    pair = Pair(max_window=1 * MiB)
+    pair.measure_rtt(pair.agent, 2**-13)
+    sid = pair.open()
+    assert _grow_fast(pair, sid) == 1 * MiB
 
 
 def test_no_growth_without_an_rtt_sample():

@@ -209,44 +209,62 @@ class FrameDecoder:
         """All frames completed by data, in order; ProtocolError on the first bad one.
 
         Frames wholly inside `data` are taken from it without a copy: a DATA payload is a
-        read-only memoryview of `data` (bytes, so it cannot change under the view), other
-        payloads are bytes slices. Only a partial frame at the end is kept in the buffer.
+        read-only memoryview of `data` (bytes, so it cannot change under the view), or of
+        the buffer it was completed in, which is then never written again; other payloads
+        are bytes. Only the frame that straddles two feeds is copied: its
+        start waits in the buffer, and only its rest is taken from the next feed, not all
+        of it (a bulk stream's frames straddle almost every TLS read).
         """
         if type(data) is not bytes:
             data = bytes(data)
-        buf = self._buffer
-        if buf:
-            buf += data
-            source = buf
-        else:
-            source = data
-            view = memoryview(data)
         frames: list[Frame] = []
+        view = memoryview(data)
         offset = 0
-        end = len(source)
+        end = len(data)
         try:
+            if self._buffer:
+                offset = self._complete_buffered(view, frames)
+                if self._buffer:
+                    return frames  # data ran out inside that frame
             while end - offset >= HEADER_SIZE:
-                version, kind, flags, stream_id, length = HEADER.unpack_from(source, offset)
+                version, kind, flags, stream_id, length = HEADER.unpack_from(data, offset)
                 kind = _check_header(version, kind, flags, stream_id, length)
                 start = offset + HEADER_SIZE
                 if end - start < length:
                     break
                 offset = start + length
-                if source is data:
-                    payload = view[start:offset] if kind is FrameType.DATA else data[start:offset]
-                else:
-                    with memoryview(buf) as view:
-                        payload = bytes(view[start:offset])
+                payload = view[start:offset] if kind is FrameType.DATA else data[start:offset]
                 frames.append(_parse(kind, flags, stream_id, payload))
         except ProtocolError:
-            buf.clear()  # the tunnel is closing; nothing after the error is ever read
+            self._buffer.clear()  # the tunnel is closing; nothing after the error is ever read
             raise
-        if source is data:
-            if offset < end:
-                buf += memoryview(data)[offset:]
-        elif offset:
-            del buf[:offset]  # bytearray deletes from the front in O(1)
+        if offset < end:
+            self._buffer += view[offset:]
         return frames
+
+    def _complete_buffered(self, view: memoryview, frames: list[Frame]) -> int:
+        """Move into the buffer as much of view as its partial frame lacks; emit the frame
+        once whole. Returns how much of view was taken."""
+        buf = self._buffer
+        taken = 0
+        if len(buf) < HEADER_SIZE:
+            taken = min(HEADER_SIZE - len(buf), len(view))
+            buf += view[:taken]
+            if len(buf) < HEADER_SIZE:
+                return taken
+        version, kind, flags, stream_id, length = HEADER.unpack_from(buf, 0)
+        kind = _check_header(version, kind, flags, stream_id, length)
+        more = min(HEADER_SIZE + length - len(buf), len(view) - taken)
+        buf += view[taken : taken + more]
+        taken += more
+        if len(buf) == HEADER_SIZE + length:
+            # The buffer becomes the payload (no copy out of it); a new one takes its place.
+            self._buffer = bytearray()
+            payload = memoryview(buf).toreadonly()[HEADER_SIZE:]
+            if kind is not FrameType.DATA:
+                payload = bytes(payload)
+            frames.append(_parse(kind, flags, stream_id, payload))
+        return taken
 
     @property
     def buffered(self) -> int:
