@@ -220,6 +220,7 @@ class Tunnel(Protocol):
         self._next_ping = 0.0
         self._close_timer = None
         self._backlog_while_paused = 0
+        self._flush_call = None
         self._broken = False  # a protocol error: nothing the peer sends is read any more
         self.throttled = ThrottledLog(self.log, reactor.seconds)  # what a peer can repeat at will
 
@@ -258,7 +259,7 @@ class Tunnel(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected_tunnel = False
-        for timer in (self._heartbeat, self._close_timer):
+        for timer in (self._heartbeat, self._close_timer, self._flush_call):
             if timer is not None and timer.active():
                 timer.cancel()
         streams, self.streams = self.streams, {}
@@ -271,7 +272,7 @@ class Tunnel(Protocol):
             return
         if not self.session.going_away:
             self.session.go_away(code, reason)
-            self.flush()
+        self.flush_now()  # all queued frames and the GOAWAY go before TLS starts to close
         # TLS starts its shutdown only once no producer is registered (tls.py loseConnection).
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -406,6 +407,22 @@ class Tunnel(Protocol):
     # bytes out
 
     def flush(self) -> None:
+        """Send what the session queued, once this reactor turn's events are all handled.
+
+        Under load one epoll wake-up brings many events (accepts, reads, closes of many
+        streams); each used to send its frames at once, in a TLS record and a send() of
+        its own. Gathered, they leave in one record sequence and one send() per turn
+        (bench/: 5 sends per new connection on each end before, docs/performance.md). An
+        idle tunnel's message waits for nothing but the end of its own event.
+        """
+        if self._flush_call is None and self.connected_tunnel:
+            self._flush_call = self.reactor.callLater(0, self.flush_now)
+
+    def flush_now(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
         out = self.session.data_to_send()
         if not out or not self.connected_tunnel:
             return

@@ -312,6 +312,7 @@ def one_way(agent) -> None:
         if not data:
             return
         agent.pump.serverIO.bufferReceived(data)
+        agent.pump.clock.advance(0)  # the end of the relay's reactor turn: its writes go out
 
 
 def socket_buffer(transport, limit: int) -> list[int]:

@@ -159,9 +159,30 @@ def test_a_large_tunnel_write_leaves_tls_in_one_bio_read(world, state):
     tls._tlsConnection = Counting()
     data = bytes(range(256)) * 1024
     client.dataReceived(data)
+    world.clock.advance(0)  # the end of the reactor turn
     assert len(reads) == 1 and reads[0] > len(data)
     agent.flush()
     assert target_sock.value() == data
+
+
+def test_one_reactor_turn_of_events_leaves_in_one_tunnel_write(world, state):
+    # Ten clients connect and send in one turn (one epoll wake-up): ten OPENs and their
+    # data go to TLS in one write once the turn's events are handled, not one each.
+    agent = up(world, state)
+    tls = agent.relay_tunnel.transport
+    writes = []
+    original = tls.writeSequence
+    tls.writeSequence = lambda chunks: (writes.append(len(chunks)), original(chunks))
+    clients = [world.public_client(8080) for _ in range(10)]
+    for i, (client, _) in enumerate(clients):
+        client.dataReceived(b"request %d" % i)
+    assert writes == []  # nothing yet: the turn is not over
+    world.clock.advance(0)
+    assert len(writes) == 1 and writes[0] == 10 * 3  # OPEN, DATA header, payload each
+    agent.flush()
+    socks = [agent.targets.succeed(i)[1] for i in range(10)]
+    agent.flush()
+    assert [sock.value() for sock in socks] == [b"request %d" % i for i in range(10)]
 
 
 def test_interleaved_streams_are_delivered_in_order_each(world, state):
