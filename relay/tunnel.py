@@ -46,6 +46,8 @@ TUNNEL_BUFFER_SIZE = 1 * defaults.MiB
 # How much one read of a stream's socket takes (Twisted's default is 64 KiB): a bulk stream's
 # reactor turn, TLS write and tunnel send each carry up to four 64 KiB frames instead of one.
 STREAM_READ_SIZE = 256 * defaults.KiB
+# A read this large is bulk data, sent at once rather than at the end of the reactor turn.
+BULK_READ = 64 * defaults.KiB
 CLOSE_GRACE = 5.0  # after GOAWAY and close, how long before we abort (TLS close_notify may never come)
 
 
@@ -444,7 +446,13 @@ class Tunnel(Protocol):
         if not self.session.send_data(stream.stream_id, data):
             stream.no_credit = True
             stream.update_reading()
-        self.flush()
+        if len(data) >= BULK_READ:
+            # Bulk goes at once: gathered over a turn of several bulk streams it made
+            # writes larger than the socket takes, and Twisted's buffer then paused and
+            # resumed every stream (4 streams: 560 -> 330 MB/s, bench/).
+            self.flush_now()
+        else:
+            self.flush()
 
     def stream_eof(self, stream: Stream) -> None:
         if self.session.has_stream(stream.stream_id):
