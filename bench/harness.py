@@ -1191,6 +1191,29 @@ def machine_info() -> dict:
     return info
 
 
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One variant's results over several rounds: each figure of METRICS is the median of
+    the rounds that produced it; the details are the last round's; errors of every round
+    are kept, by round; `rounds` lists every round's figures, so the spread is on record."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = dict(rounds[-1])
+    for key, *_ in METRICS:
+        values = sorted(r[key] for r in rounds if isinstance(r.get(key), (int, float)))
+        if values:
+            mid = len(values) // 2
+            out[key] = values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 3)
+        else:
+            out.pop(key, None)
+    errors = {f"round {i + 1}: {w}": e for i, r in enumerate(rounds) for w, e in r.get("errors", {}).items()}
+    if errors:
+        out["errors"] = errors
+    else:
+        out.pop("errors", None)
+    out["rounds"] = [{k: r.get(k) for k, *_ in METRICS if k in r} for r in rounds]
+    return out
+
+
 def ratio(a, b, higher_is_better: bool) -> float | None:
     if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or a <= 0 or b <= 0:
         return None
@@ -1431,6 +1454,13 @@ def parse_args(argv=None):
         default=None,
         help="write the ratio plot here (default next to the JSON)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant this many times, alternating their order, and report the "
+        "median of each figure (the machine's speed drifts; default 1)",
+    )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
         "--profile",
@@ -1444,6 +1474,8 @@ def parse_args(argv=None):
         "--keep", action="store_true", help="keep the work dir (configs, logs) for inspection"
     )
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     args.variants = [v for v in (x.strip() for x in args.only.split(",")) if v]
     args.workloads = [w for w in (x.strip() for x in args.workloads.split(",")) if w]
     for v in args.variants:
@@ -1494,37 +1526,55 @@ def main(argv=None) -> int:
             sshd = SshD(procs, work, free_ports(1)[0])
             sshd.start()
             Ssh.sshd = sshd
-        for name in VARIANTS:
-            if name not in args.variants:
-                continue
-            cls = {
-                "direct": Direct,
-                "socat": Socat,
-                "ssh-aes": Ssh,
-                "ssh-chacha": Ssh,
-                "relay": Relay,
-            }[name]
-            v = cls(name=name, targets=targets.ports[name], procs=procs, work=work)
-            log(f"{LABELS[name]}: starting")
-            try:
-                v.start()
-                results[name] = run_workloads(v, args)
-                if args.profile and name == "relay":
-                    log("relay: profiling relay and agent under one iperf3 stream (py-spy)")
-                    profile = profile_relay(
-                        v, args, json_path.parent if args.json is None else json_path.parent
-                    )
-            except (BenchError, subprocess.TimeoutExpired, OSError) as e:
-                results.setdefault(name, {}).setdefault("errors", {})["setup"] = str(e)
-                log(f"{LABELS[name]}: FAILED: {e}")
-            finally:
-                v.stop()
+        per_round: dict[str, list[dict]] = {}
+        order = [name for name in VARIANTS if name in args.variants]
+        for round_no in range(args.rounds):
+            if args.rounds > 1:
+                log(f"round {round_no + 1} of {args.rounds}")
+            for name in order if round_no % 2 == 0 else order[::-1]:
+                results[name] = {}
+                run_variant(name, args, targets, procs, work, json_path, results, profile=round_no == 0)
+                per_round.setdefault(name, []).append(results.pop(name))
+                profile = results.pop("_profile", profile)
+        for name, rounds in per_round.items():
+            results[name] = median_of_rounds(rounds)
         if sshd is not None:
             sshd.stop()
     finally:
         procs.stop_all()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    _report(args, results, profile, stamp, t0, background, json_path, plot_path)
+    return 1 if any(r.get("errors") for r in results.values() if isinstance(r, dict)) else 0
+
+
+def run_variant(name: str, args, targets, procs, work, json_path, results: dict, profile: bool) -> None:
+    """Start one variant, run the workloads on it into results[name], stop it. With
+    --profile (and profile: the first round), the relay's py-spy profile goes to
+    results["_profile"]."""
+    cls = {
+        "direct": Direct,
+        "socat": Socat,
+        "ssh-aes": Ssh,
+        "ssh-chacha": Ssh,
+        "relay": Relay,
+    }[name]
+    v = cls(name=name, targets=targets.ports[name], procs=procs, work=work)
+    log(f"{LABELS[name]}: starting")
+    try:
+        v.start()
+        results[name] = run_workloads(v, args)
+        if args.profile and profile and name == "relay":
+            log("relay: profiling relay and agent under one iperf3 stream (py-spy)")
+            results["_profile"] = profile_relay(v, args, json_path.parent)
+    except (BenchError, subprocess.TimeoutExpired, OSError) as e:
+        results.setdefault(name, {}).setdefault("errors", {})["setup"] = str(e)
+        log(f"{LABELS[name]}: FAILED: {e}")
+    finally:
+        v.stop()
+
+
+def _report(args, results, profile, stamp, t0, background, json_path, plot_path) -> None:
     elapsed = time.monotonic() - t0
     streams = results.pop("_streams")
     report = {
@@ -1533,6 +1583,7 @@ def main(argv=None) -> int:
         "machine": {**machine_info(), "background_before_start": background},
         "settings": {
             "seconds": args.seconds,
+            "rounds": args.rounds,
             "variants": args.variants,
             "workloads": args.workloads,
             "idle_streams": streams,
@@ -1548,13 +1599,26 @@ def main(argv=None) -> int:
         "results": results,
         "targets": compute_targets({**results, "_streams": streams}),
     }
+    if args.rounds > 1:
+        by_round = [
+            compute_targets(
+                {
+                    **{name: r["rounds"][i] for name, r in results.items() if len(r.get("rounds", [])) > i},
+                    "_streams": streams,
+                }
+            )
+            for i in range(args.rounds)
+        ]
+        for n, target in enumerate(report["targets"]):
+            target["by_round"] = [round_targets[n]["value"] for round_targets in by_round]
     if profile is not None:
         report["profile"] = profile
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     print()
+    rounds = f"; median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(
-        f"relay benchmark {report['date']} ({report['machine'].get('nproc')} CPUs, {report['machine'].get('cpu', '?')}); {args.seconds:g} s per workload; ↑ higher is better, ↓ lower is better"
+        f"relay benchmark {report['date']} ({report['machine'].get('nproc')} CPUs, {report['machine'].get('cpu', '?')}); {args.seconds:g} s per workload{rounds}; ↑ higher is better, ↓ lower is better"
     )
     print(table(results, args.variants))
     print()
@@ -1563,6 +1627,8 @@ def main(argv=None) -> int:
             continue
         mark = {True: "MET    ", False: "NOT MET", None: "?      "}[t["met"]]
         print(f"  {mark} {t['target']}: {t['value']:.2f} ({t['detail']})")
+        if t.get("by_round"):
+            print(f"          by round: {', '.join('-' if x is None else f'{x:.2f}' for x in t['by_round'])}")
     for name, r in results.items():
         for w, e in r.get("errors", {}).items():
             print(f"  ERROR {name} {w}: {e.splitlines()[0] if e else e}")
@@ -1582,8 +1648,6 @@ def main(argv=None) -> int:
         if plot(results, args.variants, plot_path, title):
             print(f"\nplot: {plot_path}")
     print(f"results: {json_path}  ({elapsed:.0f} s)")
-    failed = any(r.get("errors") for r in results.values())
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -77,3 +77,20 @@ def test_bench_quick_relay_and_direct(tmp_path):
     assert results["relay"]["rtt40_MBps"] > 1
     assert {t["target"] for t in report["targets"]}, "no targets evaluated"
     assert "| workload" in proc.stdout  # the table was printed
+
+
+def test_rounds_are_combined_by_their_median_and_keep_the_spread():
+    from bench.harness import median_of_rounds
+
+    rounds = [
+        {"bulk1_fwd_MBps": 500.0, "newconn_rps": 10.0, "bulk1_fwd_detail": {"n": 1}},
+        {"bulk1_fwd_MBps": 700.0, "errors": {"newconn": "wrk failed"}, "bulk1_fwd_detail": {"n": 2}},
+        {"bulk1_fwd_MBps": 600.0, "newconn_rps": 30.0, "bulk1_fwd_detail": {"n": 3}},
+    ]
+    out = median_of_rounds(rounds)
+    assert out["bulk1_fwd_MBps"] == 600.0  # the middle one, not the mean or the last
+    assert out["newconn_rps"] == 20.0  # two rounds produced it: the mean of those two
+    assert out["errors"] == {"round 2: newconn": "wrk failed"}
+    assert [r["bulk1_fwd_MBps"] for r in out["rounds"]] == [500.0, 700.0, 600.0]
+    assert out["bulk1_fwd_detail"] == {"n": 3}
+    assert median_of_rounds(rounds[:1]) is rounds[0]
