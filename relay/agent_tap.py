@@ -12,6 +12,7 @@ from twisted.python import usage
 from . import defaults
 from .agent import AgentService, AgentSettings, Target
 from .config import ConfigError, Option, merge, split_host_port
+from .heap import keep_buffers_on_the_heap
 from .proxy import ProxyClientEndpoint, parse_proxy_url, proxy_from_environment
 from .tls import (
     PinnedClientOptions,
@@ -156,6 +157,7 @@ def read_token(token: str | None, token_file: str | None, env, on_argv: bool = T
 def makeService(config: Options):  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
 
+    keep_buffers_on_the_heap()
     host, port = config["relay-address"]
     client_certificate = config["client-certificate"]
     try:

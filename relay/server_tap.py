@@ -18,6 +18,7 @@ from twisted.python import usage
 from . import defaults
 from .access import parse_policies
 from .config import ConfigError, Option, merge
+from .heap import keep_buffers_on_the_heap
 from .server import Relay, RelaySettings
 from .state import State, StateError, init_state
 from .tls import server_options
@@ -84,6 +85,7 @@ class RelayService(service.MultiService):
 def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
 
+    keep_buffers_on_the_heap()
     _raise_fd_limit()
     state = _open_state(Path(config["state"]))
     settings = RelaySettings(

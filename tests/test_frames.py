@@ -135,6 +135,8 @@ def test_data_header_is_encode_data_without_the_payload():
     assert frames.data_header(3, 3, True) + b"abc" == encode_data(3, b"abc", True)
     with pytest.raises(ValueError, match="exceeds"):
         frames.data_header(1, defaults.MAX_DATA_PAYLOAD + 1)
+    with pytest.raises(ValueError, match="exceeds"):  # the peer would refuse it
+        encode(Data(1, bytes(defaults.MAX_DATA_PAYLOAD + 1)))
 
 
 def test_data_payloads_are_views_of_the_input_not_copies():
