@@ -86,3 +86,26 @@ def pproxy():
         yield proxies
     finally:
         proxies.stop()
+
+
+@pytest.fixture
+def no_listen_server_tap(monkeypatch):
+    """relay.server_tap with a fake tunnel endpoint and no signal or rlimit changes, so
+    makeService builds the real service tree without a socket."""
+    from twisted.internet import defer
+
+    from relay import server_tap
+
+    class FakePort:
+        def stopListening(self):  # noqa: N802 (Twisted's name)
+            return defer.succeed(None)
+
+    class FakeEndpoint:
+        def listen(self, factory):
+            return defer.succeed(FakePort())
+
+    monkeypatch.setattr(server_tap, "_reload_on_sighup", lambda reactor, relay: None)
+    monkeypatch.setattr(server_tap, "_raise_fd_limit", lambda: None)
+    monkeypatch.setattr(server_tap.socket, "getfqdn", lambda: "relay.example.net")
+    monkeypatch.setattr(server_tap.endpoints, "serverFromString", lambda reactor, desc: FakeEndpoint())
+    return server_tap

@@ -6,7 +6,6 @@ import ctypes
 import platform
 
 import pytest
-from twisted.internet import defer
 
 from relay import agent_tap, heap, server_tap
 
@@ -26,7 +25,7 @@ def test_a_c_library_without_mallopt_is_left_alone(monkeypatch):
     assert heap.keep_buffers_on_the_heap() is False
 
 
-def test_both_services_set_them(state, tmp_path, monkeypatch):
+def test_both_services_set_them(state, tmp_path, monkeypatch, no_listen_server_tap):
     calls = []
     for tap in (agent_tap, server_tap):
         monkeypatch.setattr(tap, "keep_buffers_on_the_heap", lambda tap=tap: calls.append(tap.__name__))
@@ -41,17 +40,6 @@ def test_both_services_set_them(state, tmp_path, monkeypatch):
     )  # fmt: skip
     agent_tap.makeService(options)
 
-    class FakePort:
-        def stopListening(self):  # noqa: N802 (Twisted's name)
-            return defer.succeed(None)
-
-    class FakeEndpoint:
-        def listen(self, factory):
-            return defer.succeed(FakePort())
-
-    monkeypatch.setattr(server_tap, "_reload_on_sighup", lambda reactor, relay: None)
-    monkeypatch.setattr(server_tap, "_raise_fd_limit", lambda: None)
-    monkeypatch.setattr(server_tap.endpoints, "serverFromString", lambda reactor, desc: FakeEndpoint())
     options = server_tap.Options()
     options.parseOptions(["--state", str(state.path), "--tunnel", "tcp:7835"])
     server_tap.makeService(options)

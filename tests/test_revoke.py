@@ -261,23 +261,11 @@ def test_sighup_schedules_a_forced_check_on_the_reactor(state):
         signal.signal(signal.SIGHUP, before)
 
 
-def test_relay_service_tree_runs_the_watcher(state, monkeypatch):
+def test_relay_service_tree_runs_the_watcher(state, no_listen_server_tap):
     """twistd's service tree starts the Relay (and so its watcher) and stops it. No socket:
     the tunnel endpoint is a fake."""
-    from twisted.internet import defer, reactor
+    from twisted.internet import reactor
 
-    class FakePort:
-        def stopListening(self):  # noqa: N802 (Twisted's name)
-            return defer.succeed(None)
-
-    class FakeEndpoint:
-        def listen(self, factory):
-            return defer.succeed(FakePort())
-
-    monkeypatch.setattr(server_tap, "_reload_on_sighup", lambda reactor, relay: None)
-    monkeypatch.setattr(server_tap, "_raise_fd_limit", lambda: None)
-    monkeypatch.setattr(server_tap.socket, "getfqdn", lambda: "relay.example.net")
-    monkeypatch.setattr(server_tap.endpoints, "serverFromString", lambda reactor, desc: FakeEndpoint())
     options = server_tap.Options()
     options.parseOptions(["--state", str(state.path), "--tunnel", "tcp:7835"])
     top = server_tap.makeService(options)
