@@ -52,23 +52,7 @@ def server_options(cert_path: Path, key_path: Path, ca_path: Path) -> ssl.Certif
         raiseMinimumTo=TLS_MINIMUM,
         acceptableProtocols=[defaults.ALPN],
     )
-    whole_writes(options.getContext())  # the context is made once and kept by the options
     return options
-
-
-# OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h, part of its stable API).
-_PARTIAL_WRITE = 0x00000001
-
-
-def whole_writes(context: SSL.Context) -> None:
-    """Let one SSL_write take all of a tunnel write, not one 16 KiB record per call.
-
-    pyOpenSSL turns partial writes on for every context. Over a memory BIO, which never
-    refuses bytes, they only cost a Python call per record: 16 for each 256 KiB read of
-    a bulk stream (docs/performance.md). A write that meets WANT_READ is retried by
-    Twisted with the same bytes first, which whole writes allow.
-    """
-    context.clear_mode(_PARTIAL_WRITE)
 
 
 def load_client_certificate(path: Path) -> ssl.PrivateCertificate:
@@ -105,9 +89,6 @@ def client_options_for_ca(
         ca = ssl.Certificate.loadPEM(Path(ca_file).read_bytes())
     except (OSError, SSL.Error, crypto.Error, ValueError) as e:
         raise TLSConfigError(f"cannot read the CA certificate {ca_file}: {e}") from e
-    # Writes stay partial here (one SSL_write per 16 KiB record, see whole_writes):
-    # Twisted's client options make their context inside, and pyOpenSSL refuses to change
-    # a context once a connection was made from it.
     return ssl.optionsForClientTLS(
         host,
         trustRoot=ssl.trustRootFromCertificates([ca]),
@@ -160,7 +141,6 @@ class PinnedClientOptions:
             **_client_certificate_options(client_certificate),
         )
         self._options.getContext().set_verify(SSL.VERIFY_PEER, self._verify)
-        whole_writes(self._options.getContext())
         self._chains: dict[int, dict[int, crypto.X509]] = {}
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802 (Twisted's name)

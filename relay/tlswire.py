@@ -1,21 +1,32 @@
 """The tunnel's TLS layer: Twisted's TLSMemoryBIOProtocol with a data path cut for bulk streams.
 
-Verification, ALPN and shutdown are Twisted's, unchanged; only how plaintext goes into and
-comes out of OpenSSL differs (measured in docs/performance.md):
+Verification, ALPN, the handshake and shutdown are Twisted's and pyOpenSSL's, unchanged; only
+how plaintext goes into and comes out of OpenSSL once the handshake is done differs
+(measured in docs/performance.md):
 
 - no small-write aggregation (BufferingTLSTransport): Tunnel.flush already hands over all
   an event produced in one call; the aggregator added a reactor turn (callLater(0)) to
   every tunnel write, and a copy;
-- one SSL_write per write, on a memoryview: OpenSSL cuts the 16 KiB records itself, where
-  Twisted sliced (copied) 16 KiB pieces and called SSL_write and bio_read for each;
+- whole writes: one SSL_write takes a whole piece (OpenSSL cuts the 16 KiB records), where
+  pyOpenSSL's partial writes made a Python call per record; and a write's frames are not
+  joined into one string, only the bytes that share a record are (record_aligned);
+- SSL_read, SSL_write and BIO_read are called through pyOpenSSL's own cffi binding on
+  buffers we allocate and hand on as memoryviews: pyOpenSSL's recv and bio_read copy
+  every byte once more into a new bytes object, and recv/send check the verification
+  callbacks after every 16 KiB record (they only run during the handshake; any failure
+  still goes through pyOpenSSL's own error translation);
 - everything OpenSSL produced leaves in one write, and decrypted records reach the
-  tunnel up to 64 KiB at a time (one whole DATA frame), not one call per 16 KiB record;
+  tunnel up to 256 KiB at a time, not one call per 16 KiB record;
 - that write, like a stream's delivery to its socket, goes to the kernel at once when
   nothing is queued (send_now), not at the reactor's next turn.
 """
 
 from __future__ import annotations
 
+# pyOpenSSL's binding of libssl (cryptography's), and its allocator that skips zeroing.
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+from OpenSSL._util import no_zero_allocator as _uninitialised
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
@@ -23,14 +34,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-# The least ciphertext one bio_read asks for (more after a large write).
-_BIO_READ_SIZE = 64 * 1024
-# SSL_read returns at most one record's plaintext (16 KiB) per call.
-_RECORD_READ_SIZE = 2**14 + 256
+# Plaintext per TLS record (OpenSSL's default max_send_fragment).
+RECORD_SIZE = 2**14
 # Plaintext handed to the tunnel in one call: four whole 64 KiB DATA frames (one send to the
 # stream's socket), but not a whole 1 MiB socket read, so what one call makes the tunnel
 # allocate (PINGs' PONGs, say) stays small.
 _DELIVER_SIZE = 256 * 1024 + 64
+# OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h, part of its stable API).
+_PARTIAL_WRITE = 0x00000001
 
 
 def send_now(transport, chunks: list[bytes]) -> None:
@@ -68,81 +79,160 @@ def send_now(transport, chunks: list[bytes]) -> None:
 
 
 def _queue(transport, chunks: list) -> None:
-    # Received payloads are memoryviews of the TLS read (frames.FrameDecoder); Twisted's
-    # buffer takes only bytes, so what waits there is copied, what the kernel took was not.
+    # Received payloads and ciphertext are memoryviews (of a TLS read, of a BIO read);
+    # Twisted's buffer takes only bytes, so what waits there is copied, what the kernel
+    # took was not.
     transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
 
 
+def record_aligned(chunks: list) -> list:
+    """The chunks of one tunnel write as the pieces to hand SSL_write one by one, each
+    (but the last) a whole number of records, so the records are as full as if the chunks
+    had been joined into one string, but only the bytes that share a record with a
+    neighbouring chunk are copied: a DATA header and the start of its payload, or the end
+    of one payload and the next header. Of a 64 KiB frame 16 KiB is copied, not all of it.
+    """
+    pieces: list = []
+    carry: list = []  # small chunks and tails, joined once a record's worth is here
+    carried = 0
+    for chunk in chunks:
+        size = len(chunk)
+        if not size:
+            continue
+        if size < RECORD_SIZE:
+            carry.append(chunk)
+            carried += size
+            continue
+        view = memoryview(chunk)
+        head = -carried % RECORD_SIZE  # what fills the carried bytes up to a record boundary
+        if carry:
+            carry.append(view[:head])
+            pieces.append(b"".join(carry))
+        whole = (size - head) // RECORD_SIZE * RECORD_SIZE
+        if whole:
+            pieces.append(view[head : head + whole])
+        tail = view[head + whole :]
+        carry, carried = ([tail], len(tail)) if len(tail) else ([], 0)
+    if carry:
+        pieces.append(carry[0] if len(carry) == 1 else b"".join(carry))
+    return pieces
+
+
 class TunnelTLSProtocol(TLSMemoryBIOProtocol):
+    def write(self, data) -> None:
+        if self.disconnecting and self._producer is None:
+            return  # as Twisted: no writes after loseConnection unless a producer is registered
+        self._write_pieces([data])
+
+    def writeSequence(self, chunks) -> None:
+        if self.disconnecting and self._producer is None:
+            return
+        self._write_pieces(record_aligned(chunks))
+
     def _write(self, data) -> None:
+        # Twisted's own path for writes buffered before the handshake finished.
+        self._write_pieces([data])
+
+    def _write_pieces(self, pieces: list) -> None:
         if self._lostTLSConnection:
             return
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            try:
-                done += self._tlsConnection.send(view[done:])
-            except WantReadError:
-                self._bufferedWrite(bytes(view[done:]))
-                break
-            except Error:
-                self._tlsShutdownFinished(Failure())
-                return
-        self._flushSendBIO(done)
-
-    def _flushSendBIO(self, written: int = 0) -> None:
-        # Sized to hold all the records of what was just written, so one bio_read drains the
-        # BIO; a read that comes back short proves it empty without a second call (whose
-        # WantReadError would cost an exception per write).
-        size = max(_BIO_READ_SIZE, written + written // 512 + 1024)
-        chunks = []
-        while True:
-            try:
-                chunk = self._tlsConnection.bio_read(size)
-            except WantReadError:
-                break
-            chunks.append(chunk)
-            if len(chunk) < size:
-                break
-        if chunks:
-            send_now(self.transport, chunks)
-
-    def _flushReceiveBIO(self) -> None:
-        chunks: list[bytes] = []
-        size = 0
-        while not self._lostTLSConnection:
-            try:
-                chunk = self._tlsConnection.recv(_RECORD_READ_SIZE)
-            except WantReadError:
-                break
-            except ZeroReturnError:
-                # What arrived before close_notify is delivered first, as Twisted does.
-                self._deliver(chunks)
-                chunks = []
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
-            except Error:
-                failure = Failure()
-                self._deliver(chunks)
-                chunks = []
-                self._tlsShutdownFinished(failure)
-            else:
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= _DELIVER_SIZE:
-                    self._deliver(chunks)
-                    chunks = []
-                    size = 0
-        self._deliver(chunks)
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        for index, piece in enumerate(pieces):
+            with _ffi.from_buffer(piece) as data:
+                done = 0
+                while done < len(data):
+                    result = _lib.SSL_write(ssl, data + done, len(data) - done)
+                    if result > 0:
+                        done += result
+                        continue
+                    try:
+                        connection._raise_ssl_error(ssl, result)
+                        raise Error(f"SSL_write returned {result}")
+                    except WantReadError:
+                        # Mid-handshake: Twisted retries these bytes first once it is done.
+                        rest = [memoryview(piece)[done:], *pieces[index + 1 :]]
+                        self._bufferedWrite(b"".join(rest))
+                        self._flushSendBIO()
+                        return
+                    except Error:
+                        self._tlsShutdownFinished(Failure())
+                        return
         self._flushSendBIO()
 
-    def _deliver(self, chunks: list[bytes]) -> None:
-        if chunks and not self._aborted:
-            ProtocolWrapper.dataReceived(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    def _flushSendBIO(self) -> None:
+        # All the ciphertext OpenSSL produced, in one BIO_read sized by the BIO itself, sent
+        # as a view of our buffer (pyOpenSSL's bio_read copies it once more into bytes).
+        bio = self._tlsConnection._from_ssl
+        pending = _lib.BIO_get_mem_data(bio, _ffi.NULL)
+        if pending <= 0:
+            return
+        buffer = _uninitialised("char[]", pending)
+        size = _lib.BIO_read(bio, buffer, pending)
+        if size > 0:
+            send_now(self.transport, [memoryview(_ffi.buffer(buffer, size))])
+
+    def _flushReceiveBIO(self) -> None:
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        while not self._lostTLSConnection:
+            # Room for all the plaintext of the ciphertext received (plaintext is never
+            # longer), up to one delivery; at least one whole record.
+            room = _lib.BIO_get_mem_data(connection._into_ssl, _ffi.NULL) + _lib.SSL_pending(ssl)
+            room = min(_DELIVER_SIZE, max(room, RECORD_SIZE + 256))
+            buffer = _uninitialised("char[]", room)
+            size = 0
+            ending = None
+            while size < room:  # SSL_read returns one record's plaintext at most
+                result = _lib.SSL_read(ssl, buffer + size, room - size)
+                if result > 0:
+                    size += result
+                    continue
+                try:
+                    connection._raise_ssl_error(ssl, result)
+                    raise Error(f"SSL_read returned {result}")
+                except WantReadError:
+                    ending = "drained"
+                except ZeroReturnError:
+                    ending = "closed"
+                except Error:
+                    ending = Failure()
+                break
+            if size:
+                # A fresh buffer, never written again: the frame decoder may keep views of it.
+                self._deliver(memoryview(_ffi.buffer(buffer, size)).toreadonly())
+            if ending == "drained":
+                break
+            if ending == "closed":
+                # What arrived before close_notify was delivered first, as Twisted does.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            elif ending is not None:
+                self._tlsShutdownFinished(ending)
+        self._flushSendBIO()
+
+    def _deliver(self, data: memoryview) -> None:
+        if not self._aborted:
+            ProtocolWrapper.dataReceived(self, data)
 
 
 class TunnelTLSFactory(TLSMemoryBIOFactory):
     protocol = TunnelTLSProtocol
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        create = self._creatorCallable
+
+        def whole_writes(protocol):
+            connection = create(protocol)
+            # pyOpenSSL turns partial writes on for every context, and a context cannot be
+            # changed once used (Twisted's client options make theirs inside), so they go
+            # off here, on each connection. A write that meets WANT_READ is retried with
+            # the same bytes first (Twisted buffers them), which whole writes allow.
+            _lib.SSL_clear_mode(connection._ssl, _PARTIAL_WRITE)
+            return connection
+
+        self._creatorCallable = whole_writes
 
 
 @implementer(IStreamClientEndpoint)

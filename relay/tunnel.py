@@ -148,7 +148,10 @@ class Stream(Protocol):
     def deliver(self, chunks: list[bytes]) -> None:
         """Write what the peer sent (the payloads of consecutive DATA frames) to our socket."""
         if self.transport is None:
-            self._early += chunks  # credited when connectionMade delivers it, not twice
+            # Copied: a view would keep the whole TLS read it came from (up to 256 KiB)
+            # alive for a few bytes while the target connects. Credited when connectionMade
+            # delivers it, not twice.
+            self._early += [bytes(c) for c in chunks]
             return
         send_now(self.transport, chunks)
         size = sum(map(len, chunks)) if len(chunks) > 1 else len(chunks[0])

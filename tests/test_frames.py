@@ -166,6 +166,20 @@ def test_a_frame_split_across_feeds_takes_only_its_rest_and_keeps_its_payload():
     assert frame.payload == b"abcdef"
 
 
+def test_a_read_only_view_is_taken_without_a_copy_and_anything_writable_is_copied():
+    # tlswire hands the decoder a read-only view of a buffer it never writes again: DATA
+    # payloads are views of that buffer. Writable input could change under the views.
+    blob = encode_data(1, b"abc") + encode(Control({"type": "x"}))
+    source = bytearray(blob)
+    data, control = FrameDecoder().feed(memoryview(source).toreadonly())
+    assert data.payload.obj is source and data.payload == b"abc"
+    assert control == Control({"type": "x"}) and type(control.message["type"]) is str
+    for writable in (bytearray(blob), memoryview(bytearray(blob))):
+        (data, _) = FrameDecoder().feed(writable)
+        writable[HEADER_SIZE : HEADER_SIZE + 3] = b"XYZ"
+        assert data.payload == b"abc"
+
+
 def test_a_control_frame_split_across_feeds_is_bytes():
     blob = encode(Control({"type": "x"}))
     decoder = FrameDecoder()
@@ -325,11 +339,13 @@ valid_frames = st.one_of(
 def test_random_splits_yield_the_same_frames(frame_list, data):
     blob = b"".join(encode(f) for f in frame_list)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(blob)), max_size=20)))
+    as_view = data.draw(st.booleans())  # bytes, or read-only views as tlswire feeds
     decoder = FrameDecoder()
     got = []
     previous = 0
     for cut in [*cuts, len(blob)]:
-        got += decoder.feed(blob[previous:cut])
+        piece = blob[previous:cut]
+        got += decoder.feed(memoryview(bytearray(piece)).toreadonly() if as_view else piece)
         previous = cut
     assert got == frame_list
     assert decoder.buffered == 0

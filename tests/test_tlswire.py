@@ -1,13 +1,16 @@
 """send_now: bytes go to the kernel at once when nothing is queued, else to Twisted's buffer,
-always in order. A fake transport with Twisted's buffer attributes around a real socketpair."""
+always in order (a fake transport with Twisted's buffer attributes around a real
+socketpair); and record_aligned, which cuts a tunnel write into SSL_write pieces."""
 
 from __future__ import annotations
 
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from relay.tlswire import send_now
+from relay.tlswire import RECORD_SIZE, record_aligned, send_now
 
 
 class FakeTCP:
@@ -133,3 +136,31 @@ def test_a_transport_without_a_socket_is_written_as_usual():
     t = Plain()
     send_now(t, [b"a", b"b"])
     assert t.queued == [b"a", b"b"]
+
+
+# record_aligned: a tunnel write's chunks as SSL_write pieces
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3 * RECORD_SIZE + 5), max_size=12))
+def test_record_aligned_pieces_are_the_chunks_in_whole_records(sizes):
+    chunks = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    pieces = record_aligned(chunks)
+    assert b"".join(pieces) == b"".join(chunks)
+    assert all(len(p) % RECORD_SIZE == 0 for p in pieces[:-1])  # full records, as if joined
+    assert all(len(p) for p in pieces)
+
+
+def test_record_aligned_copies_only_what_shares_a_record():
+    # Four 64 KiB DATA frames of a 256 KiB read: per frame, the 16 KiB record holding its
+    # header is joined; the other three records are views of the payload, not copies.
+    chunks = []
+    for _ in range(4):
+        chunks += [bytes(12), bytes(range(256)) * 256]
+    pieces = record_aligned(chunks)
+    assert [len(p) for p in pieces] == [16384, 49152] * 4 + [48]
+    copied = [p for p in pieces if type(p) is bytes]
+    assert sum(map(len, copied)) == 4 * RECORD_SIZE
+    views = [p for p in pieces if type(p) is memoryview]
+    assert all(any(v.obj is c for c in chunks) for v in views)
+    assert record_aligned([b"a", b"b"]) == [b"ab"]  # small writes: one join, as before

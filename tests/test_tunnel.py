@@ -8,7 +8,7 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from relay import defaults
+from relay import defaults, tlswire
 from relay.agent import Target
 from relay.protocol import ErrorCode
 from relay.protocol.frames import HEADER, FrameDecoder, GoAway
@@ -134,91 +134,88 @@ def test_one_read_of_bulk_data_reaches_the_target_in_one_write(world, state):
     assert target_sock.value() == b"small" and target_sock.sequences == [1]
 
 
-def record_calls(tls, method: str) -> list:
-    """Record each call of `method` on the TLS transport's pyOpenSSL connection: the length
-    of what it returned, or the name of what it raised."""
-    connection = tls._tlsConnection
+def record_libssl(monkeypatch, name: str) -> list:
+    """Record each call tlswire makes of libssl's `name` (through pyOpenSSL's binding): the
+    SSL or BIO it was made on, the length it asked for (the last argument), what it returned."""
     calls = []
+    lib = tlswire._lib
 
     class Recording:
-        def __getattr__(self, name):
-            return getattr(connection, name)
+        def __getattr__(self, attr):
+            return getattr(lib, attr)
 
     def recorded(*args):
-        try:
-            out = getattr(connection, method)(*args)
-        except Exception as e:
-            calls.append(type(e).__name__)
-            raise
-        calls.append(out if isinstance(out, int) else len(out))
+        out = getattr(lib, name)(*args)
+        calls.append((args[0], args[-1], out))
         return out
 
     recording = Recording()
-    setattr(recording, method, recorded)
-    tls._tlsConnection = recording
+    setattr(recording, name, recorded)
+    monkeypatch.setattr(tlswire, "_lib", recording)
     return calls
 
 
-def test_a_large_tunnel_write_leaves_tls_in_one_bio_read(world, state):
-    # The send BIO is read with room for all the records of the write: one call, not a
-    # second one whose WantReadError proves it empty.
+def made_by(calls: list, tls) -> list:
+    """(asked, returned) of the recorded calls made on TLS transport `tls`'s connection."""
+    connection = tls._tlsConnection
+    handles = {connection._ssl, connection._from_ssl, connection._into_ssl}
+    return [(asked, out) for handle, asked, out in calls if handle in handles]
+
+
+def test_a_large_tunnel_write_leaves_tls_in_one_bio_read(world, state, monkeypatch):
+    # The send BIO is read once, sized by what it holds: not a second call to prove it
+    # empty, and not copied again into bytes (pyOpenSSL's bio_read does both).
     agent = up(world, state)
     client, _, _, target_sock = stream(world, agent)
-    reads = record_calls(agent.relay_tunnel.transport, "bio_read")
+    reads = record_libssl(monkeypatch, "BIO_read")
     data = bytes(range(256)) * 1024
     client.dataReceived(data)
     world.clock.advance(0)  # the end of the reactor turn
-    assert len(reads) == 1 and reads[0] > len(data)
+    relay_reads = made_by(reads, agent.relay_tunnel.transport)
+    assert len(relay_reads) == 1 and relay_reads[0][0] == relay_reads[0][1] > len(data)
     agent.flush()
     assert target_sock.value() == data
 
 
-def test_one_reactor_turn_of_events_leaves_in_one_tunnel_write(world, state):
-    # Ten clients connect and send in one turn (one epoll wake-up): ten OPENs and their
-    # data go to TLS in one write once the turn's events are handled, not one each.
-    agent = up(world, state)
-    tls = agent.relay_tunnel.transport
-    writes = []
-    original = tls.writeSequence
-    tls.writeSequence = lambda chunks: (writes.append(len(chunks)), original(chunks))
-    clients = [world.public_client(8080) for _ in range(10)]
-    for i, (client, _) in enumerate(clients):
-        client.dataReceived(b"request %d" % i)
-    assert writes == []  # nothing yet: the turn is not over
-    world.clock.advance(0)
-    assert len(writes) == 1 and writes[0] == 10 * 3  # OPEN, DATA header, payload each
+@pytest.mark.parametrize("end", ["relay", "agent with --ca", "agent with --pin"])
+def test_a_bulk_read_is_encrypted_in_whole_record_aligned_writes(world, state, monkeypatch, end):
+    # pyOpenSSL turns on partial writes (one record, 16 KiB, per SSL_write call); every
+    # tunnel connection turns them off, whatever made its context. A 256 KiB read (four
+    # 64 KiB frames, each a 12-byte header and its payload) is written in nine calls, each
+    # but the last a whole number of records, and each takes all it is given.
+    creator = PinnedClientOptions("127.0.0.1", state.ca_pin()) if end == "agent with --pin" else None
+    agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, creator=creator)
     agent.flush()
-    socks = [agent.targets.succeed(i)[1] for i in range(10)]
-    agent.flush()
-    assert [sock.value() for sock in socks] == [b"request %d" % i for i in range(10)]
-    # A bulk read is written at once: gathered with other bulk streams' reads over a turn,
-    # it made writes larger than the socket takes (Twisted then paused every stream).
-    writes.clear()
-    clients[0][0].dataReceived(bytes(BULK_READ))
-    assert writes == [2]  # one 64 KiB DATA frame (header, payload), without waiting for the turn
-
-
-@pytest.mark.parametrize("end", ["relay", "pinned agent"])
-def test_a_bulk_read_is_encrypted_in_one_ssl_write(world, state, end):
-    # pyOpenSSL turns on partial writes (one record, 16 KiB, per SSL_write call); the
-    # relay's context and the pinning agent's turn them off, so a 256 KiB read is one
-    # call, not sixteen. (An agent verifying with --ca uses Twisted's own options, whose
-    # context cannot be changed once reachable: it still writes a record per call.)
-    if end == "relay":
-        agent = up(world, state)
-    else:
-        creator = PinnedClientOptions("127.0.0.1", state.ca_pin())
-        agent = world.agent(token(state), {8080: Target("127.0.0.1", 80)}, creator=creator)
-        agent.flush()
     client, client_sock, target, target_sock = stream(world, agent)
+    tls = agent.relay_tunnel.transport
     if end != "relay":
         client, client_sock, target, target_sock = target, target_sock, client, client_sock
-    sends = record_calls((agent.relay_tunnel if end == "relay" else agent.tunnel).transport, "send")
+        tls = agent.tls
+    writes = record_libssl(monkeypatch, "SSL_write")
     data = bytes(range(256)) * 1024
     client.dataReceived(data)
-    assert sends == [len(data) + 4 * 12]  # one call took all four frames (12-byte headers)
+    calls = made_by(writes, tls)
+    assert [asked for asked, _ in calls] == [16384, 49152] * 4 + [4 * 12]
+    assert all(out == asked for asked, out in calls)
     agent.flush()
     assert target_sock.value() == data
+
+
+def test_received_plaintext_reaches_the_tunnel_as_a_view_of_one_read(world, state, monkeypatch):
+    # Decrypted records go to the tunnel as one read-only view of a buffer SSL_read filled
+    # (not a bytes copy per record, then a join of them), and the stream's socket gets
+    # views of it.
+    agent = up(world, state)
+    client, _, _, target_sock = stream(world, agent)
+    seen = []
+    original = type(agent.tunnel).dataReceived
+    monkeypatch.setattr(type(agent.tunnel), "dataReceived", lambda self, data: (seen.append(data), original(self, data)))
+    data = bytes(range(256)) * 1024
+    client.dataReceived(data)
+    agent.flush()
+    assert target_sock.value() == data
+    assert seen and all(type(d) is memoryview and d.readonly for d in seen)
+    assert sum(map(len, seen)) == len(data) + 4 * 12  # all of it, in as few views as reads
 
 
 def test_interleaved_streams_are_delivered_in_order_each(world, state):
@@ -238,9 +235,35 @@ def test_early_data_waits_for_the_target_connection(world, state):
     client.dataReceived(b"hello before connect")
     agent.flush()
     assert len(agent.targets.connects) == 1
+    # What waits is a copy, not a view that would keep the whole TLS read alive.
+    assert [type(c) for c in agent.tunnel.streams[1]._early] == [bytes]
     target, target_sock = agent.targets.succeed()
     agent.flush()
     assert target_sock.value() == b"hello before connect"
+
+
+def test_a_write_after_lose_connection_is_dropped_as_twisted_does(world, state, monkeypatch):
+    agent = up(world, state)
+    tls = agent.tls
+    writes = record_libssl(monkeypatch, "SSL_write")
+    tls.unregisterProducer()
+    tls.loseConnection()
+    tls.write(b"late")
+    tls.writeSequence([b"late", b"r"])
+    assert made_by(writes, tls) == []
+
+
+def test_an_ssl_write_that_fails_ends_the_tunnel_with_the_error(world, state):
+    agent = up(world, state)
+    client, _, _, _ = stream(world, agent)
+    tls = agent.relay_tunnel.transport
+    tls._tlsConnection.shutdown()  # close_notify sent: OpenSSL refuses to write after it
+    lost = []
+    agent.relay_tunnel.connectionLost = lambda reason: lost.append(reason)
+    client.dataReceived(bytes(BULK_READ))  # written at once
+    assert tls._lostTLSConnection
+    agent.flush()
+    assert len(lost) == 1 and "protocol is shutdown" in str(lost[0].value)
 
 
 def test_half_close_each_way(world, state):

@@ -205,35 +205,38 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
         """All frames completed by data, in order; ProtocolError on the first bad one.
 
         Frames wholly inside `data` are taken from it without a copy: a DATA payload is a
-        read-only memoryview of `data` (bytes, so it cannot change under the view), or of
-        the buffer it was completed in, which is then never written again; other payloads
-        are bytes. Only the frame that straddles two feeds is copied: its
-        start waits in the buffer, and only its rest is taken from the next feed, not all
-        of it (a bulk stream's frames straddle almost every TLS read).
+        read-only memoryview of `data`, or of the buffer it was completed in, which is then
+        never written again; other payloads are bytes. `data` is bytes, or a read-only
+        memoryview of memory nobody writes again (tlswire's fresh buffer of each TLS read),
+        so nothing can change under the views; anything else is copied first. Only the
+        frame that straddles two feeds is copied: its start waits in the buffer, and only
+        its rest is taken from the next feed, not all of it (a bulk stream's frames
+        straddle almost every TLS read).
         """
-        if type(data) is not bytes:
-            data = bytes(data)
+        if type(data) is memoryview and data.readonly and data.contiguous:
+            view = data.cast("B") if data.format != "B" else data
+        else:
+            view = memoryview(data if type(data) is bytes else bytes(data))
         frames: list[Frame] = []
-        view = memoryview(data)
         offset = 0
-        end = len(data)
+        end = len(view)
         try:
             if self._buffer:
                 offset = self._complete_buffered(view, frames)
                 if self._buffer:
                     return frames  # data ran out inside that frame
             while end - offset >= HEADER_SIZE:
-                version, kind, flags, stream_id, length = HEADER.unpack_from(data, offset)
+                version, kind, flags, stream_id, length = HEADER.unpack_from(view, offset)
                 kind = _check_header(version, kind, flags, stream_id, length)
                 start = offset + HEADER_SIZE
                 if end - start < length:
                     break
                 offset = start + length
-                payload = view[start:offset] if kind is FrameType.DATA else data[start:offset]
+                payload = view[start:offset] if kind is FrameType.DATA else bytes(view[start:offset])
                 frames.append(_parse(kind, flags, stream_id, payload))
         except ProtocolError:
             self._buffer.clear()  # the tunnel is closing; nothing after the error is ever read
