@@ -317,6 +317,12 @@ class Tunnel(Protocol):
             # up, and more hellos would be more guesses and more log lines. None is read.
             return
         self._last_received = self.reactor.seconds()
+        if self._flush_call is not None:
+            # What this turn's other events queued (a small reply, say) leaves before we
+            # work through a read that may hold 256 KiB of another stream's frames: it
+            # used to wait behind all of them, and behind the next read too (echo beside
+            # bulk, bench/).
+            self.flush_now()
         refused = self.session.refused_opens
         try:
             events = self.session.receive_data(data)

@@ -11,7 +11,7 @@ from twisted.test import iosim
 from relay import defaults, tlswire
 from relay.agent import Target
 from relay.protocol import ErrorCode
-from relay.protocol.frames import HEADER, FrameDecoder, GoAway
+from relay.protocol.frames import HEADER, FrameDecoder, GoAway, encode_data
 from relay.server import RelaySettings
 from relay.state import State, init_state
 from relay.tls import PinnedClientOptions, client_options_for_ca
@@ -175,6 +175,26 @@ def test_a_large_tunnel_write_leaves_tls_in_one_bio_read(world, state, monkeypat
     assert len(relay_reads) == 1 and relay_reads[0][0] == relay_reads[0][1] > len(data)
     agent.flush()
     assert target_sock.value() == data
+
+
+def test_what_a_turn_queued_leaves_before_the_next_tunnel_read_is_handled(world, state):
+    # An echo's reply, read from the target, waits for the end of the reactor turn; but
+    # not behind a tunnel read (under load, 256 KiB of a bulk stream's frames) that the
+    # same turn brings: it is written first.
+    agent = up(world, state)
+    client, client_sock, target, target_sock = stream(world, agent)
+    tls = agent.tls
+    order = []
+    original = tls.writeSequence
+    tls.writeSequence = lambda chunks: (order.append(("written", len(target_sock.value()))), original(chunks))
+    target.dataReceived(b"reply")
+    assert order == []  # the turn is not over
+    stream_id = next(iter(agent.tunnel.streams))
+    agent.tunnel.dataReceived(encode_data(stream_id, b"bulk" * 1000))
+    assert order[0] == ("written", 0)  # before the read's data reached the target
+    assert target_sock.value() == b"bulk" * 1000
+    agent.flush()
+    assert client_sock.value() == b"reply"
 
 
 @pytest.mark.parametrize("end", ["relay", "agent with --ca", "agent with --pin"])
