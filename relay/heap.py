@@ -1,7 +1,8 @@
 """glibc's heap settings for a data path that allocates and frees 256 KiB buffers per read.
 
-Each bulk read makes a few buffers of 256 KiB (the socket read, the joined TLS write,
-pyOpenSSL's bio_read buffer and its bytes). glibc sizes its mmap and trim thresholds
+Each bulk read makes a few buffers of 256 KiB (the socket read, and the buffers of
+relay/tlswire.py that OpenSSL decrypts into and that the ciphertext of a write is read
+into). glibc sizes its mmap and trim thresholds
 from what was freed before; when they sit below these buffers, every read maps fresh
 pages or gives the heap's top back to the kernel and faults it in again. perf showed a
 third of the relay's time in page faults then (do_anonymous_page, unmap_page_range),
