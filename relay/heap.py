@@ -1,6 +1,7 @@
-"""glibc's heap settings for a data path that allocates and frees 256 KiB buffers per read.
+"""glibc's heap settings for a data path that allocates and frees buffers of 256 KiB to
+1 MiB per read.
 
-Each bulk read makes a few buffers of 256 KiB (the socket read, and the buffers of
+Each bulk read makes a few such buffers (the socket read, and the buffers of
 relay/tlswire.py that OpenSSL decrypts into and that the ciphertext of a write is read
 into). glibc sizes its mmap and trim thresholds
 from what was freed before; when they sit below these buffers, every read maps fresh

@@ -148,7 +148,7 @@ class Stream(Protocol):
     def deliver(self, chunks: list[bytes]) -> None:
         """Write what the peer sent (the payloads of consecutive DATA frames) to our socket."""
         if self.transport is None:
-            # Copied: a view would keep the whole TLS read it came from (up to 256 KiB)
+            # Copied: a view would keep the whole TLS read it came from (up to 1 MiB)
             # alive for a few bytes while the target connects. Credited when connectionMade
             # delivers it, not twice.
             self._early += [bytes(c) for c in chunks]
@@ -319,7 +319,7 @@ class Tunnel(Protocol):
         self._last_received = self.reactor.seconds()
         if self._flush_call is not None:
             # What this turn's other events queued (a small reply, say) leaves before we
-            # work through a read that may hold 256 KiB of another stream's frames: it
+            # work through a read that may hold 1 MiB of another stream's frames: it
             # used to wait behind all of them, and behind the next read too (echo beside
             # bulk, bench/).
             self.flush_now()

@@ -238,6 +238,22 @@ def test_received_plaintext_reaches_the_tunnel_as_a_view_of_one_read(world, stat
     assert sum(map(len, seen)) == len(data) + 4 * 12  # all of it, in as few views as reads
 
 
+def test_a_tunnel_read_of_up_to_a_mebibyte_is_one_delivery(world, state, monkeypatch):
+    # Four streams' 256 KiB reads arrive in one TCP read of the tunnel: their plaintext
+    # reaches the tunnel in one call (one reactor turn, one decode), not one per 256 KiB.
+    agent = up(world, state)
+    streams = [stream(world, agent) for _ in range(4)]
+    seen = []
+    original = type(agent.tunnel).dataReceived
+    monkeypatch.setattr(type(agent.tunnel), "dataReceived", lambda self, data: (seen.append(len(data)), original(self, data)))
+    data = bytes(range(256)) * 1024
+    for client, _, _, _ in streams:
+        client.dataReceived(data)
+    agent.flush()
+    assert [sock.value() == data for _, _, _, sock in streams] == [True] * 4
+    assert seen[0] >= 2**20  # a whole mebibyte at once (it was 256 KiB at most)
+
+
 def test_interleaved_streams_are_delivered_in_order_each(world, state):
     agent = up(world, state)
     a, _, _, a_target = stream(world, agent)
