@@ -120,6 +120,17 @@ def record_aligned(chunks: list) -> list:
     return pieces
 
 
+def _ssl_error(connection, ssl, result: int, call: str) -> Error:
+    """What pyOpenSSL raises for an SSL_read or SSL_write that returned `result` <= 0:
+    WantReadError, ZeroReturnError, or an Error with OpenSSL's reasons (after any problem
+    a verification callback left behind)."""
+    try:
+        connection._raise_ssl_error(ssl, result)
+    except Error as error:
+        return error
+    return Error(f"{call} returned {result}")  # not reached: a failed call always raises
+
+
 class TunnelTLSProtocol(TLSMemoryBIOProtocol):
     def write(self, data) -> None:
         if self.disconnecting and self._producer is None:
@@ -148,18 +159,15 @@ class TunnelTLSProtocol(TLSMemoryBIOProtocol):
                     if result > 0:
                         done += result
                         continue
-                    try:
-                        connection._raise_ssl_error(ssl, result)
-                        raise Error(f"SSL_write returned {result}")
-                    except WantReadError:
+                    error = _ssl_error(connection, ssl, result, "SSL_write")
+                    if isinstance(error, WantReadError):
                         # Mid-handshake: Twisted retries these bytes first once it is done.
                         rest = [memoryview(piece)[done:], *pieces[index + 1 :]]
                         self._bufferedWrite(b"".join(rest))
                         self._flushSendBIO()
-                        return
-                    except Error:
-                        self._tlsShutdownFinished(Failure())
-                        return
+                    else:
+                        self._tlsShutdownFinished(Failure(error))
+                    return
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
@@ -184,33 +192,24 @@ class TunnelTLSProtocol(TLSMemoryBIOProtocol):
             room = min(_DELIVER_SIZE, max(room, RECORD_SIZE + 256))
             buffer = _uninitialised("char[]", room)
             size = 0
-            ending = None
+            ending = None  # the buffer filled up: read on
             while size < room:  # SSL_read returns one record's plaintext at most
                 result = _lib.SSL_read(ssl, buffer + size, room - size)
-                if result > 0:
-                    size += result
-                    continue
-                try:
-                    connection._raise_ssl_error(ssl, result)
-                    raise Error(f"SSL_read returned {result}")
-                except WantReadError:
-                    ending = "drained"
-                except ZeroReturnError:
-                    ending = "closed"
-                except Error:
-                    ending = Failure()
-                break
+                if result <= 0:
+                    ending = _ssl_error(connection, ssl, result, "SSL_read")
+                    break
+                size += result
             if size:
                 # A fresh buffer, never written again: the frame decoder may keep views of it.
                 self._deliver(memoryview(_ffi.buffer(buffer, size)).toreadonly())
-            if ending == "drained":
-                break
-            if ending == "closed":
+            if isinstance(ending, WantReadError):
+                break  # all that was received is read
+            if isinstance(ending, ZeroReturnError):
                 # What arrived before close_notify was delivered first, as Twisted does.
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             elif ending is not None:
-                self._tlsShutdownFinished(ending)
+                self._tlsShutdownFinished(Failure(ending))
         self._flushSendBIO()
 
     def _deliver(self, data: memoryview) -> None:
