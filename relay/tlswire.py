@@ -27,7 +27,7 @@ from __future__ import annotations
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from OpenSSL._util import no_zero_allocator as _uninitialised
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -44,6 +44,29 @@ RECORD_SIZE = 2**14
 _DELIVER_SIZE = 1024 * 1024 + 64
 # OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h, part of its stable API).
 _PARTIAL_WRITE = 0x00000001
+
+
+# What the data path takes from pyOpenSSL's internals, beside Connection's _ssl, _from_ssl
+# and _into_ssl (all there since long before pyopenssl 24, cryptography 42).
+_LIBSSL_CALLS = ("SSL_read", "SSL_write", "SSL_pending", "SSL_clear_mode", "BIO_read", "BIO_get_mem_data")
+
+
+def missing_internals(lib, connection_class) -> list[str]:
+    """The pieces of pyOpenSSL this module needs that `lib` (its binding of libssl) and
+    `connection_class` lack: a pyOpenSSL that renamed them fails here, at start-up, with
+    their names, not with an AttributeError at the first tunnel."""
+    missing = [name for name in _LIBSSL_CALLS if not hasattr(lib, name)]
+    if not hasattr(connection_class, "_raise_ssl_error"):
+        missing.append("Connection._raise_ssl_error")
+    return missing
+
+
+if missing_internals(_lib, Connection):
+    raise ImportError(
+        "relay's TLS data path needs pyOpenSSL internals this pyOpenSSL lacks: "
+        + ", ".join(missing_internals(_lib, Connection))
+        + "; install a pyOpenSSL release that has them (26.x does)"
+    )
 
 
 def send_now(transport, chunks: list[bytes]) -> None:

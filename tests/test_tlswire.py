@@ -9,8 +9,10 @@ import socket
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from OpenSSL._util import lib as libssl
+from OpenSSL.SSL import Connection
 
-from relay.tlswire import RECORD_SIZE, record_aligned, send_now
+from relay.tlswire import RECORD_SIZE, missing_internals, record_aligned, send_now
 
 
 class FakeTCP:
@@ -164,3 +166,12 @@ def test_record_aligned_copies_only_what_shares_a_record():
     views = [p for p in pieces if type(p) is memoryview]
     assert all(any(v.obj is c for c in chunks) for v in views)
     assert record_aligned([b"a", b"b"]) == [b"ab"]  # small writes: one join, as before
+
+
+def test_the_pyopenssl_internals_the_data_path_uses_are_checked_by_name():
+    assert missing_internals(libssl, Connection) == []  # this pyOpenSSL has them all
+
+    class OldLib:
+        SSL_read = SSL_write = SSL_pending = BIO_read = BIO_get_mem_data = object()
+
+    assert missing_internals(OldLib, object) == ["SSL_clear_mode", "Connection._raise_ssl_error"]
