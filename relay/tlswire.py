@@ -38,7 +38,7 @@ from zope.interface import implementer
 RECORD_SIZE = 2**14
 # Plaintext handed to the tunnel in one call: as much as one read of the tunnel's socket
 # (TUNNEL_BUFFER_SIZE, 1 MiB) brings, so a bulk stream's 16 frames go to its socket in one
-# send. A quarter of it cost one stream 10-17 % of its throughput (bench/, A/B). What one
+# send. A quarter of it cost one stream 10-12 % of its throughput (bench/, A/B). What one
 # call makes the tunnel allocate in reply (PONGs for PINGs, say) is at most about as
 # much as the read itself.
 _DELIVER_SIZE = 1024 * 1024 + 64
@@ -61,10 +61,11 @@ def missing_internals(lib, connection_class) -> list[str]:
     return missing
 
 
-if missing_internals(_lib, Connection):
+_MISSING = missing_internals(_lib, Connection)
+if _MISSING:
     raise ImportError(
         "relay's TLS data path needs pyOpenSSL internals this pyOpenSSL lacks: "
-        + ", ".join(missing_internals(_lib, Connection))
+        + ", ".join(_MISSING)
         + "; install a pyOpenSSL release that has them (26.x does)"
     )
 

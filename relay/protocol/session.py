@@ -451,7 +451,8 @@ class Session:
         """Frame as much of data as the credit allows; returns how much went out.
 
         Each frame goes out as its header and a view of data, not a copy: the TLS layer
-        joins what one flush hands it anyway, and that is the only copy before OpenSSL's.
+        joins only the record that holds a header (tlswire.record_aligned), and hands the
+        rest of the view to OpenSSL as it is.
         """
         size = min(len(data), stream.send_credit)
         step = self._max_frame
