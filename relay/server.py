@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from . import defaults
 from .access import OPEN, Gate, PortPolicy
+from .listening import listen_public
 from .logs import ThrottledLog
 from .protocol import ErrorCode, Role, StreamLimitError
 from .state import CERTIFICATE, Agent, Credential, State, StateError
@@ -26,6 +27,7 @@ CREDENTIAL_POLL_INTERVAL = 2.0
 class RelaySettings:
     tunnel_port: int | None = defaults.TUNNEL_PORT  # never handed out as a public port
     public_interface: str = ""
+    reuse_port: bool = False  # share public ports with other relay processes (SO_REUSEPORT)
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_unauthenticated: int = defaults.MAX_UNAUTHENTICATED
     max_unauthenticated_per_ip: int = defaults.MAX_UNAUTHENTICATED_PER_IP
@@ -423,6 +425,10 @@ class Relay(service.Service):
                 return f"port {port} is not allowed for agent {agent.name} (allowed: {agent.ports})"
         elif not low <= port <= high:
             return f"port {port} is outside {low}-{high}, the range agents may ask for"
+        if self.settings.reuse_port:
+            why = self._held_alone(agent, port)
+            if why:
+                return why
         factory = self.public.get(port)
         if factory is not None:
             owner = factory.tunnel.agent_name if factory.tunnel else "?"
@@ -438,11 +444,38 @@ class Relay(service.Service):
             gate = self.gates[port] = Gate(self.settings.policy_for(port), self.reactor.seconds)
         factory = PublicFactory(port, tunnel, gate)
         try:
-            factory.listening = self.reactor.listenTCP(port, factory, interface=self.settings.public_interface)
+            factory.listening = listen_public(
+                self.reactor, port, factory, self.settings.public_interface, self.settings.reuse_port
+            )
         except error.CannotListenError as e:
             return f"the relay cannot listen on port {port}: {e.socketError}"
         self.public[port] = factory
         self.log.info("agent {agent}: listening on public port {port}", agent=agent.name, port=port)
+        return None
+
+    def _held_alone(self, agent: Agent, port: int) -> str | None:
+        """With --reuse-port, why `agent` may not have `port`, if it may not. The relay processes
+        sharing a port cannot see each other's agents, so which agent owns a port must follow
+        from the credentials alone: its own allowance names the port, and no other agent's
+        allows it. Otherwise an agent on one process could share the clients of another
+        agent's port on the next."""
+        if agent.ports is None:
+            return (
+                f"with --reuse-port, agent {agent.name} needs an explicit port list "
+                f"(relay agent-token --ports {port}) to be given port {port}"
+            )
+        low, high = defaults.AGENT_PORT_RANGE
+        others = sorted(
+            other.name
+            for other in self.state.agents().values()
+            if other.name != agent.name
+            and (port in other.ports if other.ports is not None else low <= port <= high)
+        )
+        if others:
+            return (
+                f"with --reuse-port, port {port} must be allowed to one agent only; "
+                f"it is also allowed to {', '.join(others)}"
+            )
         return None
 
     def release_ports(self, tunnel: RelayTunnel) -> None:

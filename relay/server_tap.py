@@ -35,6 +35,13 @@ OPTIONS = {
         Option("tunnel", str, "Twisted server endpoint for agent tunnels (TLS is added)", defaults.TUNNEL_ENDPOINT),
         Option("config", str, "TOML file whose keys are these long options"),
         Option("public-interface", str, "address the public ports listen on ('' = all IPv4, '::' = all)", ""),
+        Option(
+            "reuse-port",
+            bool,
+            "share public ports with other relay processes on this host (SO_REUSEPORT); "
+            "each port must be allowed to one agent only",
+            False,
+        ),
         Option("heartbeat-interval", float, "seconds between PINGs", defaults.HEARTBEAT_INTERVAL),
         Option("dead-after", int, "heartbeat intervals of silence before a tunnel is dead", defaults.HEARTBEAT_DEAD_AFTER),
         Option("handshake-timeout", float, "seconds a new tunnel has for TLS and hello", defaults.HANDSHAKE_TIMEOUT),
@@ -57,8 +64,11 @@ class Options(usage.Options):
         "Public relay: agents dial in over TLS (ALPN relay/1) and the relay listens on public "
         "ports for them. With no options: state in ./relay-state (created on first run), tunnel on tcp:7835."
     )
+    optFlags = [[o.name, None, o.help] for o in OPTIONS.values() if o.kind is bool]
     optParameters = [
-        [o.name, None, None, f"{o.help} (default: {o.default!r})"] for o in OPTIONS.values() if o.kind is not dict
+        [o.name, None, None, f"{o.help} (default: {o.default!r})"]
+        for o in OPTIONS.values()
+        if o.kind not in (dict, bool)
     ]
 
     def postOptions(self) -> None:
@@ -91,6 +101,7 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
     settings = RelaySettings(
         tunnel_port=_tunnel_port(config["tunnel"]),
         public_interface=config["public-interface"],
+        reuse_port=config["reuse-port"],
         handshake_timeout=config["handshake-timeout"],
         max_unauthenticated=config["max-unauthenticated"],
         max_unauthenticated_per_ip=config["max-unauthenticated-per-ip"],

@@ -1,0 +1,35 @@
+"""Public ports: a plain listenTCP, or, with --reuse-port, a socket several relay processes share.
+
+SO_REUSEPORT lets every relay process on a host listen on the same public port; the kernel
+hands each new client to one of them (a hash of its address). Linux lets only sockets of the
+same user join a port's group, so another local user cannot take a share of our clients.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import error
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.interfaces import IListeningPort
+
+BACKLOG = 50  # what reactor.listenTCP uses, so both ways queue the same
+
+
+def listen_public(reactor, port: int, factory, interface: str = "", reuse_port: bool = False) -> IListeningPort:
+    """Listen on `port` for `factory`; CannotListenError if the port is taken (by another user,
+    or by anyone when reuse_port is off)."""
+    if not reuse_port:
+        return reactor.listenTCP(port, factory, interface=interface)
+    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((interface, port))
+            sock.listen(BACKLOG)
+        except OSError as e:
+            raise error.CannotListenError(interface, port, e) from None
+        sock.setblocking(False)
+        # The reactor listens on its own duplicate of the descriptor; ours closes on return.
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
