@@ -32,14 +32,18 @@ BENCH = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-VARIANTS = ["direct", "socat", "ssh-aes", "ssh-chacha", "relay"]
+VARIANTS = ["direct", "socat", "ssh-aes", "ssh-chacha", "relay", "relay2"]
 LABELS = {
     "direct": "direct TCP",
     "socat": "socat (plain TCP forwarder)",
     "ssh-aes": "ssh -R aes128-gcm",
     "ssh-chacha": "ssh -R chacha20-poly1305",
     "relay": "relay",
+    "relay2": "relay, 2 processes (--reuse-port)",
 }
+# relay2 measures what a second relay process behind SO_REUSEPORT gives: only where one
+# tunnel carries many connections, and it is not a target.
+RELAY2_WORKLOADS = {"bulk4", "keepalive", "newconn"}
 CIPHERS = {"ssh-aes": "aes128-gcm@openssh.com", "ssh-chacha": "chacha20-poly1305@openssh.com"}
 WORKLOADS = ["memory", "gib", "bulk1", "bulk4", "keepalive", "newconn", "echo", "rtt40"]
 TOOLS = {
@@ -588,26 +592,30 @@ class Relay(Variant):
             ).stdout
         )
         self.slow_token.chmod(0o600)
-        twistd = str(VENV_BIN / "twistd")
-        self.server = self._spawn(
-            "relay-server",
-            [
-                twistd, "-n", f"--logfile={self.procs.logfile('relay-server-twistd')}", "--pidfile=", "relay-server",
-                "--state", str(self.state), "--tunnel", f"tcp:{self.tunnel_port}:interface=127.0.0.1",
-                "--public-interface", "127.0.0.1",
-            ],
-        )  # fmt: skip
-        wait_until(
-            "relay tunnel port",
-            lambda: listening(self.tunnel_port),
-            procs=[(self.procs, self.server, "relay-server")],
-        )
+        self.server = self._start_server("relay-server", self.tunnel_port)
         exposes = [
             (self.public.iperf, self.targets.iperf),
             (self.public.http, self.targets.http),
             (self.public.echo, self.targets.echo),
         ]
         self.agent = self._start_agent("relay-agent", self.tunnel_port, self.token, exposes)
+
+    def _start_server(self, name: str, tunnel_port: int, extra: tuple[str, ...] | list[str] = ()) -> subprocess.Popen:
+        twistd = str(VENV_BIN / "twistd")
+        server = self._spawn(
+            name,
+            [
+                twistd, "-n", f"--logfile={self.procs.logfile(f'{name}-twistd')}", "--pidfile=", "relay-server",
+                "--state", str(self.state), "--tunnel", f"tcp:{tunnel_port}:interface=127.0.0.1",
+                "--public-interface", "127.0.0.1", *extra,
+            ],
+        )  # fmt: skip
+        wait_until(
+            f"{name} tunnel port",
+            lambda: listening(tunnel_port),
+            procs=[(self.procs, server, name)],
+        )
+        return server
 
     def _start_agent(
         self, name: str, port: int, token: Path, exposes, slow: bool = False
@@ -648,6 +656,35 @@ class Relay(Variant):
             slow=True,
         )
         return self.slow_public
+
+
+class RelayPair(Relay):
+    """Two relay processes sharing the public ports (--reuse-port), each with its own tunnel
+    port and its own agent process; the agents share one credential, the only one allowed
+    those ports. The kernel spreads the clients of a public port over the two processes."""
+
+    def start(self) -> None:
+        self.state = self.work / "relay2-state"
+        *tunnels, iperf, http, echo = free_ports(5)
+        self.public = TargetPorts(iperf, http, echo)
+        relay = str(VENV_BIN / "relay")
+        run([relay, "init", "--state", str(self.state)], 60)
+        token = self.work / "agent2.token"
+        ports = ",".join(map(str, (iperf, http, echo)))
+        token.write_text(run([relay, "agent-token", "--state", str(self.state), "bench2", "--ports", ports], 60).stdout)
+        token.chmod(0o600)
+        exposes = [(iperf, self.targets.iperf), (http, self.targets.http), (echo, self.targets.echo)]
+        self.servers, self.agents = [], []
+        for n, tunnel in enumerate(tunnels, 1):
+            self.server = self._start_server(f"relay-server-{n}", tunnel, ["--reuse-port"])
+            self.servers.append(self.server)
+            self.agents.append(self._start_agent(f"relay-agent-{n}", tunnel, token, exposes))
+
+    def tunnel_pids(self) -> dict[str, list[int]]:
+        return {"relay": [p.pid for p in self.servers], "agent": [p.pid for p in self.agents]}
+
+    def start_slow_path(self, delay_port: int, public_port: int, args) -> int:
+        raise BenchError("relay2 has no delay-line workload")
 
 
 # ---------------------------------------------------------------- measurement helpers
@@ -1016,6 +1053,8 @@ def run_workloads(v: Variant, args) -> dict:
     if v.name == "socat":  # a baseline for the data path only: no delay line, no idle streams
         steps.pop("rtt40")
         steps.pop("memory")
+    if v.name == "relay2":
+        steps = {k: f for k, f in steps.items() if k in RELAY2_WORKLOADS}
     for name in [w for w in WORKLOADS if w in args.workloads]:
         if name not in steps:
             continue
@@ -1300,6 +1339,10 @@ def table(results: dict, variants: list[str]) -> str:
         ratio_cols.append(("relay/socat", "relay", "socat"))
     if "relay" in cols and "direct" in cols:
         ratio_cols.append(("relay/direct", "relay", "direct"))
+    if "relay2" in cols and "ssh-aes" in cols:
+        ratio_cols.append(("relay2/ssh-aes", "relay2", "ssh-aes"))
+    if "relay2" in cols and "relay" in cols:
+        ratio_cols.append(("relay2/relay", "relay2", "relay"))
     header = ["workload", "unit", *cols, *(c[0] for c in ratio_cols)]
     rows = [header]
     for key, label, unit, hib, _ in METRICS:
@@ -1342,7 +1385,7 @@ def plot(results: dict, variants: list[str], path: Path, title: str) -> bool:
         log("matplotlib is not installed: no plot (.venv/bin/pip install matplotlib)")
         return False
     base = "ssh-aes"
-    shown = [v for v in ("relay", "ssh-chacha", "socat", "direct") if v in variants and v != base]
+    shown = [v for v in ("relay", "relay2", "ssh-chacha", "socat", "direct") if v in variants and v != base]
     if base not in variants or not shown:
         log("plot needs ssh-aes and another variant: no plot")
         return False
@@ -1356,7 +1399,7 @@ def plot(results: dict, variants: list[str], path: Path, title: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(12, 6.5), dpi=80)
     width = 0.8 / len(shown)
-    colors = {"relay": "#1f77b4", "ssh-chacha": "#ff7f0e", "socat": "#2ca02c", "direct": "#9a9a9a"}
+    colors = {"relay": "#1f77b4", "relay2": "#9ecae1", "ssh-chacha": "#ff7f0e", "socat": "#2ca02c", "direct": "#9a9a9a"}
     for i, v in enumerate(shown):
         xs, ys = [], []
         for j, (k, _, hib) in enumerate(keys):
@@ -1558,6 +1601,7 @@ def run_variant(name: str, args, targets, procs, work, json_path, results: dict,
         "ssh-aes": Ssh,
         "ssh-chacha": Ssh,
         "relay": Relay,
+        "relay2": RelayPair,
     }[name]
     v = cls(name=name, targets=targets.ports[name], procs=procs, work=work)
     log(f"{LABELS[name]}: starting")

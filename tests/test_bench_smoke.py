@@ -1,5 +1,6 @@
-"""A short run of the benchmark harness (bench/), relay and direct TCP only, ~1 s per workload,
-so the harness cannot rot: every workload must produce positive figures in the JSON.
+"""A short run of the benchmark harness (bench/): relay, direct TCP and two relay processes
+sharing the public ports, ~1 s per workload, so the harness cannot rot: every workload must
+produce positive figures in the JSON.
 
 Needs iperf3, wrk and nginx (Debian: apt-get install -y iperf3 wrk nginx-light); skipped with
 the reason when they are missing.
@@ -24,7 +25,7 @@ def _missing() -> list[str]:
 
 
 @pytest.mark.e2e
-def test_bench_quick_relay_and_direct(tmp_path):
+def test_bench_quick_relay_direct_and_two_relay_processes(tmp_path):
     missing = _missing()
     if missing:
         pytest.skip(
@@ -33,7 +34,7 @@ def test_bench_quick_relay_and_direct(tmp_path):
         )
     out = tmp_path / "bench.json"
     argv = [
-        sys.executable, "-m", "bench", "--only", "relay,direct", "--quick",
+        sys.executable, "-m", "bench", "--only", "relay,direct,relay2", "--quick",
         "--streams", "200", "--json", str(out), "--no-plot",
     ]  # fmt: skip
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -70,6 +71,12 @@ def test_bench_quick_relay_and_direct(tmp_path):
         for key in keys:
             value = figures.get(key)
             assert isinstance(value, (int, float)) and value > 0, f"{variant} {key} = {value!r}"
+    two = results["relay2"]  # two relay processes sharing the public ports: many-connection loads only
+    assert not two.get("errors"), f"relay2: {two.get('errors')}"
+    for key in ("bulk4_MBps", "bulk4_cpu_s_per_GB", "keepalive_rps", "newconn_rps"):
+        assert isinstance(two.get(key), (int, float)) and two[key] > 0, f"relay2 {key} = {two.get(key)!r}"
+    assert "bulk1_fwd_MBps" not in two and "mem_kib_per_stream" not in two
+    assert "relay2/relay" in proc.stdout
     memory = results["relay"]["memory_detail"]
     assert memory["streams"] == 200
     assert all(v > 0 for v in memory["pss_kib_with_streams"].values())
