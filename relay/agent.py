@@ -4,16 +4,18 @@ connects each stream the relay opens to the one target exposed on that port, and
 from __future__ import annotations
 
 import random
+import socket
 from dataclasses import dataclass, field
 
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from . import defaults
+from .dial import AddressEndpoint
 from .protocol import ErrorCode, Role, StreamOpened
 from .tunnel import Stream, Tunnel, TunnelSettings
 
@@ -208,9 +210,9 @@ class AgentService(service.Service):
         # getaddrinfo on the thread pool (10 threads) and a LoopingCall for every stream,
         # which capped new connections per second.
         if isIPAddress(target.host):
-            return TCP4ClientEndpoint(self.reactor, target.host, target.port, timeout=timeout)
+            return AddressEndpoint(self.reactor, target.host, target.port, timeout, socket.AF_INET)
         if isIPv6Address(target.host):
-            return TCP6ClientEndpoint(self.reactor, target.host, target.port, timeout=timeout)
+            return AddressEndpoint(self.reactor, target.host, target.port, timeout, socket.AF_INET6)
         return HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
 
     def _connect(self) -> None:

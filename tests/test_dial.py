@@ -1,0 +1,241 @@
+"""How the agent dials a target by address (relay/dial.py): at once when the kernel has already
+finished the handshake, else when the socket becomes writable; with its errors, deadline and
+cancel. In memory with a scripted socket, and once for real on loopback."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from relay import dial
+from relay.agent import AgentService, AgentSettings, Target
+from relay.dial import AddressEndpoint
+
+ADDRESS = ("127.0.0.1", 5432)
+
+
+class ScriptedSocket:
+    """A non-blocking socket whose connect_ex answers come from a script."""
+
+    made: list[ScriptedSocket] = []
+
+    def __init__(self, family, kind, connects=(), so_error=0):
+        self.family = family
+        self.connects = list(connects)
+        self.so_error = so_error
+        self.connect_calls: list[tuple] = []
+        self.closed = False
+        self.blocking = True
+        ScriptedSocket.made.append(self)
+
+    def setblocking(self, flag):
+        self.blocking = bool(flag)
+
+    def connect_ex(self, address):
+        self.connect_calls.append(address)
+        return self.connects.pop(0)
+
+    def getsockopt(self, level, name):
+        assert (level, name) == (socket.SOL_SOCKET, socket.SO_ERROR)
+        return self.so_error
+
+    def fileno(self):
+        return 99
+
+    def close(self):
+        self.closed = True
+
+
+class Recorder(Protocol):
+    def __init__(self):
+        self.made = 0
+
+    def connectionMade(self):
+        self.made += 1
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """scripted(*connect_ex answers): the endpoint's next socket follows that script."""
+    ScriptedSocket.made = []
+
+    def script(*connects, so_error=0):
+        monkeypatch.setattr(
+            dial.socket, "socket", lambda family, kind: ScriptedSocket(family, kind, connects, so_error)
+        )
+
+    return script
+
+
+def connect(reactor, timeout=7.0):
+    protocol = Recorder()
+    d = AddressEndpoint(reactor, *ADDRESS, timeout).connect(Factory.forProtocol(lambda: protocol))
+    return d, protocol, ScriptedSocket.made[-1]
+
+
+def result(d: defer.Deferred):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+def test_a_handshake_done_at_the_second_ask_connects_in_the_same_turn(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, 0)
+    d, protocol, sock = connect(reactor)
+    assert result(d) is protocol and protocol.made == 1
+    assert sock.connect_calls == [ADDRESS, ADDRESS] and not sock.blocking
+    assert protocol.transport.socket is sock  # the socket itself, not a duplicate
+    assert reactor.readers == {protocol.transport}
+    assert not reactor.writers and reactor.getDelayedCalls() == []  # no wait, no timer
+
+
+def test_a_handshake_under_way_waits_for_writability(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, errno.EALREADY)
+    d, protocol, sock = connect(reactor)
+    assert not d.called and protocol.made == 0
+    (pending,) = list(reactor.writers)
+    assert pending.fileno() == 99
+    pending.doWrite()  # writable, SO_ERROR 0: connected
+    assert result(d) is protocol and protocol.made == 1
+    assert not reactor.writers and reactor.readers == {protocol.transport}
+    assert reactor.getDelayedCalls() == []  # the deadline is cancelled
+    assert not sock.closed
+
+
+def test_a_refusal_at_once_fails_with_twisteds_error_and_closes_the_socket(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.ECONNREFUSED)
+    d, protocol, sock = connect(reactor)
+    failure = result(d)
+    assert failure.check(error.ConnectionRefusedError)
+    assert "Connection refused" in failure.getErrorMessage()
+    assert sock.closed and protocol.made == 0 and not reactor.readers and not reactor.writers
+
+
+def test_a_refusal_after_waiting_fails_the_same_way(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, errno.EALREADY, so_error=errno.ECONNREFUSED)
+    d, protocol, sock = connect(reactor)
+    next(iter(reactor.writers)).doWrite()
+    assert result(d).check(error.ConnectionRefusedError)
+    assert sock.closed and protocol.made == 0
+    assert not reactor.writers and reactor.getDelayedCalls() == []
+
+
+def test_a_refusal_the_reactor_reports_as_a_hang_up_is_still_a_refusal(scripted):
+    """epoll gives a failed connect to connectionLost, not doWrite."""
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, errno.EALREADY, so_error=errno.ECONNREFUSED)
+    d, _, sock = connect(reactor)
+    next(iter(reactor.writers)).connectionLost(Failure(error.ConnectionLost()))
+    assert result(d).check(error.ConnectionRefusedError)
+    assert sock.closed and not reactor.writers and reactor.getDelayedCalls() == []
+
+
+def test_a_hang_up_without_an_error_fails_with_the_reactors_reason(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, errno.EALREADY)
+    d, _, sock = connect(reactor)
+    next(iter(reactor.writers)).connectionLost(Failure(error.ConnectionLost("gone")))
+    failure = result(d)
+    assert failure.check(error.ConnectError) and "gone" in failure.getErrorMessage()
+    assert sock.closed
+
+
+def test_an_unreachable_target_fails_with_its_errno(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, errno.EALREADY, so_error=errno.EHOSTUNREACH)
+    d, _, sock = connect(reactor)
+    next(iter(reactor.writers)).doWrite()
+    failure = result(d)
+    assert failure.check(error.ConnectError)
+    assert "No route to host" in failure.getErrorMessage()
+    assert sock.closed
+
+
+def test_a_connect_that_never_finishes_times_out(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, errno.EALREADY)
+    d, protocol, sock = connect(reactor, timeout=7.0)
+    reactor.advance(6.9)
+    assert not d.called
+    reactor.advance(0.2)
+    assert result(d).check(error.TimeoutError)
+    assert sock.closed and not reactor.writers and protocol.made == 0
+
+
+def test_cancel_stops_waiting_and_closes_the_socket(scripted):
+    reactor = MemoryReactorClock()
+    scripted(errno.EINPROGRESS, errno.EALREADY)
+    d, protocol, sock = connect(reactor)
+    d.cancel()
+    assert result(d).check(defer.CancelledError)
+    assert sock.closed and not reactor.writers and reactor.getDelayedCalls() == []
+    assert protocol.made == 0
+
+
+def test_ipv6_addresses_get_an_ipv6_socket(scripted):
+    scripted(0)
+    AddressEndpoint(MemoryReactorClock(), "::1", 80, 7.0, socket.AF_INET6).connect(Factory.forProtocol(Protocol))
+    assert ScriptedSocket.made[-1].family == socket.AF_INET6
+
+
+@pytest.mark.parametrize(
+    "host, family", [("127.0.0.1", socket.AF_INET), ("10.1.2.3", socket.AF_INET), ("::1", socket.AF_INET6), ("fe80::1", socket.AF_INET6)]
+)
+def test_the_agent_dials_addresses_with_this_endpoint(host, family):
+    """No resolver, no thread pool: an address is dialled as it is."""
+    settings = AgentSettings(token="t", expose={}, connect_timeout=7.0)
+    service = AgentService(MemoryReactorClock(), endpoint=None, settings=settings, relay_name="relay.test:7835")
+    endpoint = service.target_endpoint(Target(host, 80))
+    assert isinstance(endpoint, AddressEndpoint)
+    assert (endpoint.address, endpoint.timeout, endpoint.family) == ((host, 80), 7.0, family)
+
+
+@pytest_twisted.inlineCallbacks
+def test_on_loopback_it_connects_and_carries_bytes():
+    from twisted.internet import reactor
+
+    class Echo(Protocol):
+        def dataReceived(self, data):
+            self.transport.write(data)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+    try:
+        got = defer.Deferred()
+
+        class Client(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"ping")
+
+            def dataReceived(self, data):
+                got.callback(data)
+
+        protocol = yield AddressEndpoint(reactor, "127.0.0.1", port.getHost().port, 5.0).connect(Factory.forProtocol(Client))
+        got.addTimeout(5, reactor)
+        assert (yield got) == b"ping"
+        assert protocol.transport.getPeer().port == port.getHost().port
+        protocol.transport.loseConnection()
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_on_loopback_a_closed_port_is_refused():
+    from twisted.internet import reactor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(error.ConnectionRefusedError):
+        yield AddressEndpoint(reactor, "127.0.0.1", closed, 5.0).connect(Factory.forProtocol(Protocol))
