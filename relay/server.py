@@ -74,6 +74,7 @@ class PublicStream(Stream):
         self.tunnel.streams[self.stream_id] = self
         self.tunnel.flush()
         super().connectionMade()
+        self.read_at_once()
 
 
 class PublicFactory(Factory):

@@ -122,6 +122,28 @@ class Stream(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.tunnel.stream_data(self, data)
 
+    def read_at_once(self) -> None:
+        """Read what the socket already holds now, not at the reactor's next turn.
+
+        A client that speaks first (an HTTP request, a TLS ClientHello) has usually sent
+        it by the time its connection is accepted; read now, it leaves with the OPEN in
+        the same tunnel write. Nothing there yet (a server-first protocol) costs one
+        recv(). An EOF is left for the reactor to find, as it finds every other one.
+        """
+        sock = getattr(self.transport, "socket", None)
+        if not isinstance(sock, socket.socket) or self.no_credit or self.tunnel.paused:
+            return
+        try:
+            data = sock.recv(STREAM_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            # A reset consumed here would look like a clean EOF to the reactor later.
+            self.transport.abortConnection()
+            return
+        if data:
+            self.dataReceived(data)
+
     def readConnectionLost(self) -> None:
         self.read_eof = True
         self.tunnel.stream_eof(self)

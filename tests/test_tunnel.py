@@ -3,6 +3,8 @@ fake sockets for public clients and targets. No sockets, no sleeps."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from twisted.internet import error
 from twisted.python.failure import Failure
@@ -17,7 +19,7 @@ from relay.state import State, init_state
 from relay.tls import PinnedClientOptions, client_options_for_ca
 from relay.tunnel import BULK_READ, STREAM_READ_SIZE, TunnelSettings
 
-from .inmemory import World, stream, token, up
+from .inmemory import FakeSocket, World, stream, token, up
 
 
 @pytest.fixture
@@ -276,6 +278,79 @@ def test_early_data_waits_for_the_target_connection(world, state):
     target, target_sock = agent.targets.succeed()
     agent.flush()
     assert target_sock.value() == b"hello before connect"
+
+
+class SocketTransport(FakeSocket):
+    """A fake TCP transport over one end of a real socketpair (no network): read_at_once
+    reads the socket itself, as it would a TCP socket's."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self.socket = sock
+
+
+class ResetSocket(socket.socket):
+    def recv(self, *args):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def public_client_over(world, sock):
+    proto = world.relay.public[8080].buildProtocol(None)
+    transport = SocketTransport(sock)
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_what_a_client_sent_before_its_accept_leaves_with_the_open(world, state, pair):
+    agent = up(world, state)
+    ours, client = pair
+    client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    proto, transport = public_client_over(world, ours)
+    assert proto.stream_id == 1 and not transport.aborted
+    agent.flush()  # the OPEN and the request reach the agent before its target connects
+    assert agent.tunnel.streams[1]._early == [b"GET / HTTP/1.1\r\n\r\n"]
+    target, target_sock = agent.targets.succeed()
+    agent.flush()
+    assert target_sock.value() == b"GET / HTTP/1.1\r\n\r\n"  # no dataReceived from the reactor
+
+
+def test_nothing_sent_yet_is_nothing_read(world, state, pair):
+    agent = up(world, state)
+    ours, client = pair
+    proto, transport = public_client_over(world, ours)
+    agent.flush()
+    target, target_sock = agent.targets.succeed()
+    agent.flush()
+    assert target_sock.value() == b"" and not transport.aborted
+    client.sendall(b"later")  # the reactor's read, as usual
+    proto.dataReceived(ours.recv(100))
+    agent.flush()
+    assert target_sock.value() == b"later"
+
+
+def test_a_client_reset_before_its_accept_is_a_reset(world, state, pair):
+    agent = up(world, state)
+    ours, client = pair
+    resetting = ResetSocket(fileno=socket.dup(ours.fileno()))
+    try:
+        proto, transport = public_client_over(world, resetting)
+        assert transport.aborted  # not left for the reactor, which would see a clean EOF
+    finally:
+        resetting.close()
+    proto.connectionLost(Failure(error.ConnectionAborted()))  # what the abort ends in
+    agent.flush()
+    assert not world.relay.tunnels["a1"].session.has_stream(1)
+    assert 1 not in agent.tunnel.streams  # reset at the agent too, its connect given up
+    assert agent.targets.connects[0][1].called
 
 
 def test_a_write_after_lose_connection_is_dropped_as_twisted_does(world, state, monkeypatch):
