@@ -2,7 +2,9 @@
 
 SO_REUSEPORT lets every relay process on a host listen on the same public port; the kernel
 hands each new client to one of them (a hash of its address). Linux lets only sockets of the
-same user join a port's group, so another local user cannot take a share of our clients.
+same user, that set SO_REUSEPORT too, join a port's group: another local user cannot take a
+share of our clients. The processes must bind the same address (--public-interface): a
+socket bound to one address takes every client of that address from a wildcard one.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ def listen_public(reactor, port: int, factory, interface: str = "", reuse_port: 
     family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
+            # getaddrinfo keeps a link-local address's scope (fe80::1%eth0), as listenTCP does.
+            address = socket.getaddrinfo(
+                interface or None, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST | socket.AI_PASSIVE
+            )[0][4]
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((interface, port))
+            sock.bind(address)
             sock.listen(BACKLOG)
         except OSError as e:
             raise error.CannotListenError(interface, port, e) from None

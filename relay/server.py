@@ -380,7 +380,8 @@ class Relay(service.Service):
         """Close the tunnel of every agent whose credential was rotated, replaced or revoked
         since it authenticated, and release its public ports. Tunnels whose credential is
         still valid carry on unchanged, ports included, even if agents.json now grants
-        other ports: those apply from the agent's next hello. FORCE (SIGHUP) re-reads
+        other ports: those apply from the agent's next hello (with --reuse-port, shared
+        ports are checked again at once: _recheck_shared_ports). FORCE (SIGHUP) re-reads
         agents.json even if its stat looks unchanged, and checks every tunnel."""
         try:
             self._check_credentials(force)
@@ -411,7 +412,36 @@ class Relay(service.Service):
                 del self.tunnels[tunnel.agent_name]
             self.release_ports(tunnel)
             tunnel.close(ErrorCode.AUTH_FAILED, "credential revoked")
+        if self.settings.reuse_port:
+            self._recheck_shared_ports()
         self._credentials_seen = generation
+
+    def _recheck_shared_ports(self) -> None:
+        """With --reuse-port, a port stays only while the credentials still give it to its
+        agent alone. Unlike a lone relay, which lets a live tunnel keep its ports until its
+        next hello, a shared port is also given out by the other processes, which go by
+        agents.json as it is now: a port narrowed away from X and granted to Y would
+        otherwise be served by both, and X would get a share of Y's clients."""
+        agents = self.state.agents()
+        for port, factory in list(self.public.items()):
+            tunnel = factory.tunnel
+            current = agents.get(tunnel.agent_name) if tunnel is not None else None
+            if current is None:
+                continue  # its tunnel is closing (credential revoked): released there
+            why = self._held_alone(current, port)
+            if why is None:
+                continue
+            del self.public[port]
+            factory.tunnel = None
+            factory.listening.stopListening()
+            self.log.warn(
+                "agent {agent}: stopped listening on public port {port}: {why}",
+                agent=tunnel.agent_name,
+                port=port,
+                why=why,
+            )
+            tunnel.session.send_control({"type": "listen_fail", "port": port, "reason": why})
+            tunnel.flush()
 
     # public ports
 
@@ -465,6 +495,8 @@ class Relay(service.Service):
                 f"with --reuse-port, agent {agent.name} needs an explicit port list "
                 f"(relay agent-token --ports {port}) to be given port {port}"
             )
+        if port not in agent.ports:
+            return f"port {port} is not allowed for agent {agent.name} (allowed: {agent.ports})"
         low, high = defaults.AGENT_PORT_RANGE
         others = sorted(
             other.name

@@ -80,6 +80,13 @@ def test_reuse_port_cannot_join_a_port_held_without_it(listening):
         listening(port, True)
 
 
+def test_a_bad_interface_cannot_listen():
+    from twisted.internet import reactor
+
+    with pytest.raises(error.CannotListenError):
+        listen_public(reactor, _free_port(), Factory.forProtocol(Protocol), "fe80::1%no-such-interface", True)
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_shared_port_accepts_clients(listening):
     """The reactor accepts on the descriptor it adopted."""
@@ -159,6 +166,35 @@ def test_an_agent_allowed_every_port_blocks_sharing_any(shared_world, state, log
     assert shared_world.relay.public == {}
     assert "it is also allowed to anywhere" in "\n".join(logs)
     assert agent.tunnel.connected_tunnel
+
+
+def test_a_port_granted_to_another_agent_later_is_given_up_at_once(shared_world, state, logs):
+    """Another relay process would give 8080 to a2 as soon as a2's credential allows it:
+    this process stops serving it for a1 at its next look at agents.json, not at a1's
+    next hello, so no client of a2 reaches a1's target."""
+    agent = up(shared_world, state, {8080: Target("127.0.0.1", 80), 9000: Target("127.0.0.1", 90)}, ports="8080,9000")
+    assert sorted(shared_world.relay.public) == [8080, 9000]
+    state.issue_token("a2", PortSet.parse("8080"))
+    shared_world.relay.check_credentials(force=True)
+    agent.flush()
+    assert sorted(shared_world.relay.public) == [9000]  # 9000 is still a1's alone
+    assert not shared_world.relay.public.get(8080)
+    text = "\n".join(logs)
+    assert "agent a1: stopped listening on public port 8080: with --reuse-port, port 8080 must be allowed to one agent only; it is also allowed to a2" in text
+    assert "relay refused public port 8080: with --reuse-port" in text  # the agent was told, and asks again later
+    assert agent.tunnel.connected_tunnel and agent.tunnel._retry_timers.get(8080) is not None
+    _, _, target, _ = stream(shared_world, agent, 9000)
+    assert target.target == Target("127.0.0.1", 90)
+
+
+def test_a_shared_port_outside_a_narrowed_list_is_given_up(shared_world, state, logs):
+    agent = up(shared_world, state, {8080: Target("127.0.0.1", 80), 9000: Target("127.0.0.1", 90)}, ports="8080,9000")
+    # a1's certificate (its other credential) now carries the narrower list; its token stays valid.
+    state.record_certificate("a1", state.issue_certificate("a1"), PortSet.parse("9000"))  # `relay agent-cert a1 --ports 9000`
+    shared_world.relay.check_credentials(force=True)
+    agent.flush()
+    assert sorted(shared_world.relay.public) == [9000]
+    assert "stopped listening on public port 8080: port 8080 is not allowed for agent a1" in "\n".join(logs)
 
 
 def test_without_reuse_port_the_relay_listens_on_its_own(state, monkeypatch):
