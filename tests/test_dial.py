@@ -190,6 +190,53 @@ def test_ipv6_addresses_get_an_ipv6_socket(scripted):
     assert ScriptedSocket.made[-1].family == socket.AF_INET6
 
 
+def test_a_link_local_target_keeps_its_scope():
+    endpoint = AddressEndpoint(MemoryReactorClock(), "fe80::1%lo", 80, 7.0, socket.AF_INET6)
+    host, port, _flow, scope = endpoint.address
+    assert (port, scope) == (80, socket.if_nametoindex("lo"))
+
+
+def test_no_socket_to_be_had_is_a_failed_connect_not_an_exception(monkeypatch):
+    """EMFILE must reach the agent as a failed Deferred (a reset stream and a log line),
+    not as an exception out of the tunnel's read, which would end every stream."""
+
+    def no_more(family, kind):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(dial.socket, "socket", no_more)
+    d = AddressEndpoint(MemoryReactorClock(), *ADDRESS, 7.0).connect(Factory.forProtocol(Protocol))
+    failure = result(d)
+    assert failure.check(OSError) and "Too many open files" in failure.getErrorMessage()
+
+
+def test_a_bad_address_is_a_failed_connect(scripted):
+    d = AddressEndpoint(MemoryReactorClock(), "fe80::1%no-such-interface", 80, 7.0, socket.AF_INET6).connect(
+        Factory.forProtocol(Protocol)
+    )
+    assert result(d).check(socket.gaierror)
+    assert ScriptedSocket.made == []  # failed before a socket was made
+
+
+def test_a_protocol_that_fails_to_start_leaves_no_reader_behind(scripted):
+    class Broken(Protocol):
+        def connectionMade(self):
+            raise RuntimeError("broken")
+
+    reactor = MemoryReactorClock()
+    scripted(0)
+    d = AddressEndpoint(reactor, *ADDRESS, 7.0).connect(Factory.forProtocol(Broken))
+    assert result(d).check(RuntimeError)
+    assert ScriptedSocket.made[-1].closed
+    assert not reactor.readers and not reactor.writers
+
+
+def test_the_transport_describes_itself(scripted):
+    scripted(0)
+    protocol = result(AddressEndpoint(MemoryReactorClock(), *ADDRESS, 7.0).connect(Factory.forProtocol(Recorder)))
+    assert repr(protocol.transport) == "<Recorder to 127.0.0.1:5432>"
+    assert protocol.transport.logstr == "Recorder,client"
+
+
 @pytest.mark.parametrize(
     "host, family", [("127.0.0.1", socket.AF_INET), ("10.1.2.3", socket.AF_INET), ("::1", socket.AF_INET6), ("fe80::1", socket.AF_INET6)]
 )
@@ -199,18 +246,34 @@ def test_the_agent_dials_addresses_with_this_endpoint(host, family):
     service = AgentService(MemoryReactorClock(), endpoint=None, settings=settings, relay_name="relay.test:7835")
     endpoint = service.target_endpoint(Target(host, 80))
     assert isinstance(endpoint, AddressEndpoint)
-    assert (endpoint.address, endpoint.timeout, endpoint.family) == ((host, 80), 7.0, family)
+    assert (endpoint.host, endpoint.port, endpoint.timeout, endpoint.family) == (host, 80, 7.0, family)
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "host, family",
+    [
+        ("127.0.0.1", socket.AF_INET),
+        pytest.param("::1", socket.AF_INET6, marks=pytest.mark.skipif(not _has_ipv6_loopback(), reason="no ::1 here")),
+    ],
+)
 @pytest_twisted.inlineCallbacks
-def test_on_loopback_it_connects_and_carries_bytes():
+def test_on_loopback_it_connects_and_carries_bytes(host, family):
     from twisted.internet import reactor
 
     class Echo(Protocol):
         def dataReceived(self, data):
             self.transport.write(data)
 
-    port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+    port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface=host)
     try:
         got = defer.Deferred()
 
@@ -221,10 +284,11 @@ def test_on_loopback_it_connects_and_carries_bytes():
             def dataReceived(self, data):
                 got.callback(data)
 
-        protocol = yield AddressEndpoint(reactor, "127.0.0.1", port.getHost().port, 5.0).connect(Factory.forProtocol(Client))
+        protocol = yield AddressEndpoint(reactor, host, port.getHost().port, 5.0, family).connect(Factory.forProtocol(Client))
         got.addTimeout(5, reactor)
         assert (yield got) == b"ping"
-        assert protocol.transport.getPeer().port == port.getHost().port
+        peer = protocol.transport.getPeer()
+        assert (peer.host, peer.port) == (host, port.getHost().port)
         protocol.transport.loseConnection()
     finally:
         yield port.stopListening()
