@@ -47,6 +47,8 @@ class FakeTargets:
 
     def __init__(self):
         self.connects: list[tuple[Target, defer.Deferred, Factory]] = []
+        self.at_once = False  # connect inside connect(), as relay/dial.py does on loopback
+        self.sockets: list[FakeSocket] = []
 
     def endpoint(self, target):
         targets = self
@@ -55,6 +57,8 @@ class FakeTargets:
             def connect(self, factory):
                 d = defer.Deferred()
                 targets.connects.append((target, d, factory))
+                if targets.at_once:
+                    targets.succeed()
                 return d
 
         return _Endpoint()
@@ -63,6 +67,7 @@ class FakeTargets:
         target, d, factory = self.connects[index]
         proto = factory.buildProtocol(None)
         sock = FakeSocket()
+        self.sockets.append(sock)
         proto.makeConnection(sock)
         d.callback(proto)
         return proto, sock

@@ -280,6 +280,26 @@ def test_early_data_waits_for_the_target_connection(world, state):
     assert target_sock.value() == b"hello before connect"
 
 
+def test_a_target_connected_inside_connect_gets_open_data_and_fin_of_one_read(world, state):
+    """relay/dial.py connects a loopback target inside endpoint.connect(), before the
+    agent has stored the Deferred: the OPEN, the request and the FIN of one TLS read all
+    reach the target, in order, and the ACCEPT goes back."""
+    agent = up(world, state)
+    agent.targets.at_once = True
+    client, client_sock = world.public_client(8080)
+    client.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+    client.readConnectionLost()
+    agent.flush()
+    (target_sock,) = agent.targets.sockets
+    assert target_sock.value() == b"GET / HTTP/1.0\r\n\r\n" and target_sock.write_closed
+    stream = agent.tunnel.streams[1]
+    assert stream.connecting is None
+    stream.dataReceived(b"HTTP/1.0 200 OK\r\n\r\n")
+    stream.readConnectionLost()
+    agent.flush()
+    assert client_sock.value() == b"HTTP/1.0 200 OK\r\n\r\n" and client_sock.write_closed
+
+
 class SocketTransport(FakeSocket):
     """A fake TCP transport over one end of a real socketpair (no network): read_at_once
     reads the socket itself, as it would a TCP socket's."""
