@@ -12,7 +12,7 @@ from twisted.python import usage
 from . import defaults
 from .agent import AgentService, AgentSettings, Target
 from .config import ConfigError, Option, merge, split_host_port
-from .heap import keep_buffers_on_the_heap
+from .heap import freeze_startup_objects, keep_buffers_on_the_heap
 from .proxy import ProxyClientEndpoint, parse_proxy_url, proxy_from_environment
 from .tls import (
     PinnedClientOptions,
@@ -188,4 +188,5 @@ def makeService(config: Options):  # noqa: N802 (twistd's name)
         reconnect_max=config["reconnect-max"],
         tunnel=TunnelSettings(heartbeat_interval=config["heartbeat-interval"], dead_after=config["dead-after"]),
     )
+    reactor.callWhenRunning(freeze_startup_objects)
     return AgentService(reactor, TunnelTLSClientEndpoint(creator, inner), settings, relay_name=config["relay"])

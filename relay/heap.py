@@ -1,5 +1,6 @@
-"""glibc's heap settings for a data path that allocates and frees buffers of 256 KiB to
-1 MiB per read.
+"""Memory settings of both services: glibc's heap thresholds for a data path that allocates
+and frees buffers of 256 KiB to 1 MiB per read, and the garbage collector's view of what
+was loaded at start-up.
 
 Each bulk read makes a few such buffers (the socket read, and the buffers of
 relay/tlswire.py that OpenSSL decrypts into and that the ciphertext of a write is read
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 from . import defaults
 
@@ -38,3 +40,18 @@ def keep_buffers_on_the_heap() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def freeze_startup_objects() -> int:
+    """Move everything alive now (Twisted, OpenSSL bindings, our modules: about 45,000
+    objects) out of the garbage collector's sight, and return how many.
+
+    A full collection walks every tracked object; with all of start-up in it, it took
+    25-37 ms in a bench run (a gc.callbacks probe in both processes), a stall of every
+    stream of the tunnel at once. Frozen objects are never walked (nor freed: what is
+    garbage is collected first), so the full collections left walk what the tunnel made
+    since: its streams and buffers.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

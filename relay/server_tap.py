@@ -18,7 +18,7 @@ from twisted.python import usage
 from . import defaults
 from .access import parse_policies
 from .config import ConfigError, Option, merge
-from .heap import keep_buffers_on_the_heap
+from .heap import freeze_startup_objects, keep_buffers_on_the_heap
 from .server import Relay, RelaySettings
 from .state import State, StateError, init_state
 from .tls import server_options
@@ -130,6 +130,7 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
     listener._raiseSynchronously = True  # a taken tunnel port must stop startup, not just log
     listener.setServiceParent(top)
     _first_run_hint(state, config["tunnel"])
+    reactor.callWhenRunning(freeze_startup_objects)
     return top
 
 

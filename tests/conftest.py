@@ -11,6 +11,18 @@ from twisted.logger import formatEvent, globalLogPublisher
 from relay.state import State, init_state
 
 
+@pytest.fixture(autouse=True)
+def frozen_startup(monkeypatch):
+    """What both services schedule at start (gc.freeze of start-up objects) is recorded, not
+    done: frozen, this test process would never free what its tests leave behind."""
+    from relay import agent_tap, server_tap
+
+    calls: list[str] = []
+    for tap in (agent_tap, server_tap):
+        monkeypatch.setattr(tap, "freeze_startup_objects", lambda tap=tap: calls.append(tap.__name__))
+    return calls
+
+
 @pytest.fixture
 def state(tmp_path):
     """A relay state dir with a CA and a server certificate for localhost."""

@@ -1,8 +1,10 @@
-"""glibc's heap thresholds are fixed by both twistd services (relay/heap.py), where glibc is."""
+"""Both twistd services fix glibc's heap thresholds (where glibc is) and take their start-up
+objects out of the garbage collector's walk (relay/heap.py)."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import platform
 
 import pytest
@@ -44,3 +46,46 @@ def test_both_services_set_them(state, tmp_path, monkeypatch, no_listen_server_t
     options.parseOptions(["--state", str(state.path), "--tunnel", "tcp:7835"])
     server_tap.makeService(options)
     assert calls == ["relay.agent_tap", "relay.server_tap"]
+
+
+def test_start_up_objects_are_frozen_after_a_collection():
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage  # unreachable once deleted, only a collection frees it
+    import weakref
+
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        count = heap.freeze_startup_objects()
+        assert count == gc.get_freeze_count() > 10_000  # Twisted, OpenSSL, relay, pytest
+        assert gone() is None  # collected first, not frozen for good
+        gc.collect()  # walks only what came after: fast, and the frozen are still frozen
+        assert gc.get_freeze_count() == count
+    finally:
+        gc.unfreeze()
+
+
+def test_both_services_freeze_once_the_reactor_runs(state, tmp_path, monkeypatch, no_listen_server_tap, frozen_startup):
+    from twisted.internet import reactor
+
+    scheduled = []
+    monkeypatch.setattr(reactor, "callWhenRunning", lambda f, *a, **kw: scheduled.append(f))
+    token = tmp_path / "token"
+    token.write_text(state.issue_token("a1", None))
+    token.chmod(0o600)
+    options = agent_tap.Options()
+    options.parseOptions(
+        ["--relay", "relay.example.com:7835", "--expose", "8080=127.0.0.1:80", "--token-file", str(token),
+         "--ca", str(state.ca_cert_path), "--no-proxy"]
+    )  # fmt: skip
+    agent_tap.makeService(options)
+    options = server_tap.Options()
+    options.parseOptions(["--state", str(state.path), "--tunnel", "tcp:7835"])
+    server_tap.makeService(options)
+    assert len(scheduled) == 2 and frozen_startup == []  # not yet: when the reactor runs
+    for f in scheduled:
+        f()
+    assert frozen_startup == ["relay.agent_tap", "relay.server_tap"]
