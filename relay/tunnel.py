@@ -35,6 +35,7 @@ from .protocol import (
     StreamOpened,
     StreamReset,
 )
+from .protocol.frames import size_without_data
 from .tlswire import send_now
 
 # The tunnel socket's user-space send buffer before Twisted pauses us. The default 64 KiB
@@ -460,9 +461,13 @@ class Tunnel(Protocol):
         if not out or not self.connected_tunnel:
             return
         if self.paused:
-            # The peer is not reading. Our DATA is bounded by its windows, but replies to
-            # its PINGs and WINDOWs are not: a peer that floods and never reads is dropped.
-            self._backlog_while_paused += sum(map(len, out))
+            # The peer is not reading (or slowly). What it makes us say (PONGs, resets,
+            # WINDOWs) is bounded by nothing but this: a peer that floods and never reads
+            # is dropped. DATA is not counted: what its WINDOWs release now was read
+            # before the pause (a stream does not read while we are paused), one read per
+            # stream at most, in memory either way; counted, it cut off healthy slow
+            # tunnels carrying more than a few busy streams.
+            self._backlog_while_paused += size_without_data(out)
             if self._backlog_while_paused > defaults.MAX_PENDING_CONTROL + 2 * self.settings.max_window:
                 self.log.warn("tunnel {peer}: peer stopped reading; closing", peer=self.peer)
                 self.transport.abortConnection()

@@ -333,6 +333,35 @@ def socket_buffer(transport, limit: int) -> list[int]:
     return largest
 
 
+def test_a_slow_peer_crediting_many_streams_is_not_taken_for_one_that_stopped_reading(state, logs):
+    """While our tunnel is paused (the peer reads slowly), its WINDOW frames release the
+    data our streams read before the pause: one read per stream at most, in memory either
+    way. Counted as backlog, 8 streams x 256 KiB went past the bound (256 KiB + 2 x max
+    window) and a healthy tunnel was cut off; only what the peer makes us say counts."""
+    settings = TunnelSettings(max_window=WINDOW)
+    world = World(state, RelaySettings(tunnel_port=7835, tunnel=settings))
+    agent = up(world, state, {9000: Target("127.0.0.1", 90)}, name="good", ports="9000")
+    bound = defaults.MAX_PENDING_CONTROL + 2 * settings.max_window
+    payload = bytes(range(256)) * (2 * WINDOW // 256)  # two windows: one sent, one pending
+    streams = [stream(world, agent, 9000) for _ in range(8)]
+    for client, _, _, _ in streams:
+        client.dataReceived(payload)
+    relay_tunnel = agent.relay_tunnel
+    pending = sum(len(c) for s in relay_tunnel.session._streams.values() for c in s.pending)
+    assert pending == 8 * WINDOW > bound
+    # The relay's frames reach the agent, whose targets take them and credit them ...
+    agent.pump.clientIO.bufferReceived(agent.pump.serverIO.getOutBuffer())
+    world.clock.advance(0)
+    relay_tunnel.pauseProducing()  # ... while the relay's own socket is full
+    one_way(agent)  # the WINDOWs arrive: every pending read is released into a paused tunnel
+    assert not agent.pump.serverIO.disconnecting
+    assert not matching(logs, "peer stopped reading")
+    relay_tunnel.resumeProducing()
+    agent.flush()
+    for _, client_sock, _, target_sock in streams:
+        assert target_sock.value() == payload and not client_sock.aborted
+
+
 def test_ping_flood_from_a_peer_that_never_reads_is_cut_off(state, logs):
     settings = TunnelSettings(max_window=WINDOW)  # the bound is MAX_PENDING_CONTROL + 2 x max window
     world = World(state, RelaySettings(tunnel_port=7835, tunnel=settings))

@@ -31,8 +31,10 @@ from relay.protocol.frames import (
     ProtocolError,
     Reset,
     Window,
+    data_header,
     encode,
     encode_data,
+    size_without_data,
 )
 
 MAX_PAYLOAD = defaults.MAX_DATA_PAYLOAD  # the largest payload of any frame type
@@ -578,3 +580,19 @@ def test_fuzz_random_bytes_random_chunks(blob, cuts):
             assert decoder.buffered < HEADER_SIZE + MAX_PAYLOAD
     except ProtocolError:
         assert decoder.buffered == 0
+
+
+def test_size_without_data_counts_every_frame_but_data():
+    ping, window = encode(Ping(7)), encode(Window(1, 4096))
+    control = encode(Control({"type": "listen_ok", "port": 8080}))
+    payload = bytes(HEADER_SIZE)  # a payload the size of a header, that looks like one
+    out = [
+        ping,
+        data_header(1, len(payload)), memoryview(payload),
+        window,
+        data_header(3, 5), b"hello",
+        encode_data(1, b"", fin=True),
+        control,
+    ]  # fmt: skip
+    assert size_without_data(out) == len(ping) + len(window) + len(control)
+    assert size_without_data([]) == 0

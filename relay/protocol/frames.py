@@ -187,6 +187,24 @@ def data_header(stream_id: int, length: int, fin: bool = False) -> bytes:
     return HEADER.pack(VERSION, FrameType.DATA, FLAG_FIN if fin else 0, stream_id, length)
 
 
+def size_without_data(chunks: list) -> int:
+    """How many bytes of a session's output (data_to_send) are not DATA frames.
+
+    DATA leaves as a header chunk followed by its payload chunk (data_header), a FIN as
+    a header alone; every other frame is one chunk of its own.
+    """
+    total = 0
+    skip = False
+    for chunk in chunks:
+        if skip:
+            skip = False
+        elif len(chunk) == HEADER_SIZE and chunk[1] == FrameType.DATA:
+            skip = HEADER.unpack(chunk)[4] > 0
+        else:
+            total += len(chunk)
+    return total
+
+
 def _utf8_prefix(text: str, limit: int) -> bytes:
     """text as UTF-8, cut to at most limit bytes without splitting a character."""
     raw = text.encode("utf-8")
