@@ -27,11 +27,9 @@ def test_a_c_library_without_mallopt_is_left_alone(monkeypatch):
     assert heap.keep_buffers_on_the_heap() is False
 
 
-def test_both_services_set_them(state, tmp_path, monkeypatch, no_listen_server_tap):
-    calls = []
-    for tap in (agent_tap, server_tap):
-        monkeypatch.setattr(tap, "keep_buffers_on_the_heap", lambda tap=tap: calls.append(tap.__name__))
-
+def build_both_services(state, tmp_path) -> None:
+    """makeService of the agent, then of the relay (whose tunnel endpoint the
+    no_listen_server_tap fixture fakes)."""
     token = tmp_path / "token"
     token.write_text(state.issue_token("a1", None))
     token.chmod(0o600)
@@ -41,10 +39,16 @@ def test_both_services_set_them(state, tmp_path, monkeypatch, no_listen_server_t
          "--ca", str(state.ca_cert_path), "--no-proxy"]
     )  # fmt: skip
     agent_tap.makeService(options)
-
     options = server_tap.Options()
     options.parseOptions(["--state", str(state.path), "--tunnel", "tcp:7835"])
     server_tap.makeService(options)
+
+
+def test_both_services_set_them(state, tmp_path, monkeypatch, no_listen_server_tap):
+    calls = []
+    for tap in (agent_tap, server_tap):
+        monkeypatch.setattr(tap, "keep_buffers_on_the_heap", lambda tap=tap: calls.append(tap.__name__))
+    build_both_services(state, tmp_path)
     assert calls == ["relay.agent_tap", "relay.server_tap"]
 
 
@@ -73,18 +77,7 @@ def test_both_services_freeze_once_the_reactor_runs(state, tmp_path, monkeypatch
 
     scheduled = []
     monkeypatch.setattr(reactor, "callWhenRunning", lambda f, *a, **kw: scheduled.append(f))
-    token = tmp_path / "token"
-    token.write_text(state.issue_token("a1", None))
-    token.chmod(0o600)
-    options = agent_tap.Options()
-    options.parseOptions(
-        ["--relay", "relay.example.com:7835", "--expose", "8080=127.0.0.1:80", "--token-file", str(token),
-         "--ca", str(state.ca_cert_path), "--no-proxy"]
-    )  # fmt: skip
-    agent_tap.makeService(options)
-    options = server_tap.Options()
-    options.parseOptions(["--state", str(state.path), "--tunnel", "tcp:7835"])
-    server_tap.makeService(options)
+    build_both_services(state, tmp_path)
     assert len(scheduled) == 2 and frozen_startup == []  # not yet: when the reactor runs
     for f in scheduled:
         f()
