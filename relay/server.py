@@ -431,9 +431,7 @@ class Relay(service.Service):
             why = self._held_alone(current, port)
             if why is None:
                 continue
-            del self.public[port]
-            factory.tunnel = None
-            factory.listening.stopListening()
+            self._unlisten(port, factory)
             self.log.warn(
                 "agent {agent}: stopped listening on public port {port}: {why}",
                 agent=tunnel.agent_name,
@@ -514,10 +512,13 @@ class Relay(service.Service):
     def release_ports(self, tunnel: RelayTunnel) -> None:
         for port, factory in list(self.public.items()):
             if factory.tunnel is tunnel:
-                del self.public[port]
-                factory.tunnel = None
-                factory.listening.stopListening()
+                self._unlisten(port, factory)
                 self.log.info("agent {agent}: stopped listening on public port {port}", agent=tunnel.agent_name, port=port)
+
+    def _unlisten(self, port: int, factory: PublicFactory) -> None:
+        del self.public[port]
+        factory.tunnel = None
+        factory.listening.stopListening()
 
     # shutdown
 
