@@ -1071,8 +1071,8 @@ def run_workloads(v: Variant, args) -> dict:
 
 
 def profile_relay(v: Relay, args, outdir: Path) -> dict:
-    """py-spy record on the relay and the agent while (1) one iperf3 stream and (2) wrk with a
-    new connection per request run through them."""
+    """py-spy record on the relay and the agent while (1) one iperf3 stream, (2) four (only
+    with the bulk4 workload) and (3) wrk with a new connection per request run through them."""
     pyspy = shutil.which("py-spy", path=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     if not pyspy:
         raise BenchError("py-spy is not installed (.venv/bin/pip install py-spy)")
@@ -1081,9 +1081,12 @@ def profile_relay(v: Relay, args, outdir: Path) -> dict:
     out: dict = {"native": args.profile_native, "rate_hz": 250}
     loads = {
         "bulk1": lambda: iperf(v.public.iperf, seconds - 1),
+        "bulk4": lambda: iperf(v.public.iperf, seconds - 1, parallel=4),
         "newconn": lambda: wrk(v.public.http, seconds - 1, close=True),
     }
     for load, runner in loads.items():
+        if load == "bulk4" and "bulk4" not in args.workloads:
+            continue  # profiled only when asked for
         if (
             load == "newconn"
             and "newconn" not in args.workloads
@@ -1677,7 +1680,7 @@ def _report(args, results, profile, stamp, t0, background, json_path, plot_path)
         for w, e in r.get("errors", {}).items():
             print(f"  ERROR {name} {w}: {e.splitlines()[0] if e else e}")
     if profile is not None:
-        for load in ("bulk1", "newconn"):
+        for load in ("bulk1", "bulk4", "newconn"):
             for role in ("relay", "agent"):
                 prof = profile.get(load, {}).get(role)
                 if not prof:

@@ -86,3 +86,47 @@ def test_the_relay_refuses_tls_1_2_and_speaks_1_3(state):
     ctx13.check_hostname = False
     ctx13.verify_mode = ssl.CERT_NONE
     assert _handshake(options, ctx13) == "TLSv1.3"
+
+
+def _suite_chosen(server_ctx_options, offered: bytes | None) -> str | None:
+    """A handshake in memory (two memory-BIO connections, no socket) between the relay's
+    options and a pyOpenSSL client offering the TLS 1.3 suites `offered` (None: OpenSSL's
+    default list, AES-256 first); the suite the relay chose, or None if it refused them."""
+    from OpenSSL import SSL
+
+    client_ctx = SSL.Context(SSL.TLS_METHOD)
+    client_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    if offered is not None:
+        client_ctx.set_tls13_ciphersuites(offered)
+    server = SSL.Connection(server_ctx_options.getContext(), None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way at most
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error:
+                return None
+        for src, dst in ((client, server), (server, client)):
+            try:
+                dst.bio_write(src.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if client.get_cipher_name() is not None and server.get_cipher_name() is not None:
+            return server.get_cipher_name()
+    raise AssertionError("the in-memory handshake did not finish in 10 rounds")
+
+
+def test_the_relay_prefers_aes_128_gcm_over_the_default_aes_256(state):
+    options = server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path)
+    # OpenSSL's own default order, which every agent offers, puts AES-256 first.
+    assert _suite_chosen(options, None) == "TLS_AES_128_GCM_SHA256"
+
+
+@pytest.mark.parametrize("suite", ["TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"])
+def test_the_relay_still_accepts_a_client_that_offers_only_another_suite(state, suite):
+    options = server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path)
+    assert _suite_chosen(options, suite.encode()) == suite
