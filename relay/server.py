@@ -111,6 +111,7 @@ class RelayTunnel(Tunnel):
         self.credential: Credential | None = None  # what it authenticated with, for revocation
         self._handshake_timer = None
         self._counted = False
+        self._source = "?"  # the peer's address, once connected
 
     @property
     def agent_name(self) -> str:
@@ -173,7 +174,15 @@ class RelayTunnel(Tunnel):
         if self.agent is not None:
             self.relay.detach(self)
         elif reason is not None and not reason.check(error.ConnectionDone, error.ConnectionLost):
-            self.log.info("tunnel {peer}: closed before authenticating: {why}", peer=self.peer, why=reason.getErrorMessage())
+            # A stranger can fail handshakes as fast as it connects, from as many addresses
+            # as it has: one line per address per 10 s, and GROUP_LINES of them in all.
+            self.relay.throttled.info(
+                f"tls:{self._source}",
+                "tunnel {peer}: closed before authenticating: {why}",
+                group="tls",
+                peer=self.peer,
+                why=reason.getErrorMessage(),
+            )
 
     def control_received(self, message: dict) -> None:
         kind = message.get("type")
@@ -195,7 +204,13 @@ class RelayTunnel(Tunnel):
             self.close(ErrorCode.INTERNAL_ERROR, "the relay cannot check credentials now; try again later")
             return
         if found is None:
-            self.log.warn("tunnel {peer}: authentication failed ({why})", peer=self.peer, why=failure)
+            self.relay.throttled.warn(
+                f"auth:{self._source}",
+                "tunnel {peer}: authentication failed ({why})",
+                group="auth",
+                peer=self.peer,
+                why=failure,
+            )
             self.close(ErrorCode.AUTH_FAILED, f"authentication failed: {failure}")
             return
         agent, credential = found

@@ -87,7 +87,7 @@ class World:
             clock=self.clock,
         )
 
-    def agent(self, token, expose, creator=None, tunnel=None):
+    def agent(self, token, expose, creator=None, tunnel=None, peer_host="198.51.100.1"):
         settings = AgentSettings(token=token, expose=expose, tunnel=tunnel or TunnelSettings())
         service = AgentService(self.clock, None, settings, relay_name="localhost:7835")
         targets = FakeTargets()
@@ -99,7 +99,7 @@ class World:
         agent = Agent(service, client, server, targets)
         agent.pump = iosim.connect(
             server,
-            iosim.FakeTransport(server, True, peerAddress=IPv4Address("TCP", "198.51.100.1", 5000)),
+            iosim.FakeTransport(server, True, peerAddress=IPv4Address("TCP", peer_host, 5000)),
             client,
             iosim.FakeTransport(client, False),
             greet=False,

@@ -825,3 +825,34 @@ def test_relay_sending_a_port_that_is_not_a_number_is_ignored(state, logs, port)
     assert victim.tunnel.connected_tunnel
     assert [t for t, _, _ in victim.targets.connects] == [Target("127.0.0.1", 80)]
     assert not [c for c in victim.clock.getDelayedCalls() if c.func == victim.tunnel._ask_again]
+
+
+def test_failed_authentications_from_one_address_log_one_line_per_interval(world, state, logs):
+    good = healthy(world, state)
+    token(state, "a1")
+    for _ in range(30):
+        world.agent("a1.wrong", {8080: Target("127.0.0.1", 80)}).flush()
+    assert len(matching(logs, "authentication failed (the token")) == 1
+    world.clock.advance(10)
+    world.agent("a1.wrong", {8080: Target("127.0.0.1", 80)}).flush()
+    assert matching(logs, "authentication failed (the token")[-1].endswith("(29 more like this in the last 10 s)")
+    assert world.relay.tunnels.keys() == {"good"}
+    assert_flows(world, good)
+
+
+def test_failed_authentications_from_many_addresses_are_capped_in_all(world, state, logs):
+    """One line per address would let a stranger with an IPv6 /64 write a line per connection."""
+    from relay.logs import GROUP_LINES
+
+    good = healthy(world, state)
+    token(state, "a1")
+    for i in range(GROUP_LINES + 20):
+        world.agent("a1.wrong", {8080: Target("127.0.0.1", 80)}, peer_host=f"203.0.113.{i}").flush()
+    failed = matching(logs, "authentication failed (the token")
+    assert len(failed) == GROUP_LINES
+    assert [line.split(":")[0] for line in failed] == [f"tunnel 203.0.113.{i}" for i in range(GROUP_LINES)]
+    world.clock.advance(10)
+    world.agent("a1.wrong", {8080: Target("127.0.0.1", 80)}, peer_host="192.0.2.9").flush()
+    assert matching(logs, "authentication failed (the token")[-1].endswith("(20 more of this kind were not logged)")
+    assert world.relay.tunnels.keys() == {"good"}
+    assert_flows(world, good)

@@ -65,3 +65,25 @@ def test_reset_codes_a_peer_makes_up_share_one_limit(state, logs):
     refused = [line for line in logs if "refused: " in line]
     assert len(refused) == 2, refused  # one for all the made-up codes, one for CONNECT_FAILED
     assert "CONNECT_FAILED" in refused[1]
+
+
+def test_a_group_logs_at_most_group_lines_per_interval_whatever_its_keys():
+    t, clock, lines = throttled()
+    for i in range(logs.GROUP_LINES + 5):
+        t.warn(f"auth:192.0.2.{i}", "failed from {n}", group="auth", n=i)
+    assert lines == [f"failed from {i}" for i in range(logs.GROUP_LINES)]
+    t.warn("other", "another kind")  # a key outside the group is not held back by it
+    t.warn("tls:192.0.2.1", "tls failed", group="tls")  # nor one of another group
+    assert lines[-2:] == ["another kind", "tls failed"]
+    clock.advance(10)
+    t.warn("auth:198.51.100.7", "failed from {n}", group="auth", n=7)
+    assert lines[-1] == "failed from 7 (5 more of this kind were not logged)"
+
+
+def test_a_key_within_its_interval_does_not_use_up_its_groups_lines():
+    t, clock, lines = throttled()
+    for _ in range(50):
+        t.warn("auth:192.0.2.1", "failed", group="auth")
+    for i in range(logs.GROUP_LINES - 1):
+        t.warn(f"auth:198.51.100.{i}", "failed", group="auth")
+    assert len(lines) == logs.GROUP_LINES

@@ -173,6 +173,28 @@ def test_certificate_from_another_ca_fails_the_tls_handshake(world, state, tmp_p
     assert "unknown ca" in str(agent.tunnel.lost_reason.value)
 
 
+def test_failed_tls_handshakes_log_one_line_per_address_per_interval(world, state, tmp_path, logs):
+    """A stranger can fail handshakes as fast as it connects: the relay's log must not grow with them."""
+    from relay.logs import GROUP_LINES
+
+    pem = foreign_ca_pem(tmp_path)
+    for _ in range(5):
+        world.agent("x.y", EXPOSE, creator=with_cert(state, pem)).flush()
+    for i in range(GROUP_LINES + 5):
+        world.agent("x.y", EXPOSE, creator=with_cert(state, pem), peer_host=f"203.0.113.{i}").flush()
+    closed = [line for line in logs if "closed before authenticating" in line]
+    assert len(closed) == GROUP_LINES  # the first address once, then nine more addresses
+    assert all("certificate verify failed" in line for line in closed)
+    world.clock.advance(10)
+    world.agent("x.y", EXPOSE, creator=with_cert(state, pem)).flush()
+    last = [line for line in logs if "closed before authenticating" in line][-1]
+    assert last.startswith("tunnel 198.51.100.1:5000:")
+    assert last.endswith("(6 more of this kind were not logged) (4 more like this in the last 10 s)")
+    good = world.agent(state.issue_token("a1", PortSet.parse("8080")), EXPOSE)
+    good.flush()
+    assert good.tunnel.welcomed and world.relay.tunnels.keys() == {"a1"}
+
+
 def test_relay_server_certificate_is_no_client_certificate(world, state, tmp_path):
     """Signed by the same CA but for serverAuth only: OpenSSL's purpose check refuses it."""
     token = state.issue_token("a1", PortSet.parse("8080"))

@@ -103,8 +103,10 @@ def wait_port_closed(port: int, timeout: float = 10.0) -> None:
     wait_until(refused, timeout, f"127.0.0.1:{port} to refuse connections")
 
 
-def connect(port: int, timeout: float = 10.0) -> socket.socket:
-    s = socket.create_connection((HOST, port), timeout=timeout)
+def connect(port: int, timeout: float = 10.0, source: str | None = None) -> socket.socket:
+    """A TCP connection to HOST:port, from the loopback address `source` if given (all of
+    127.0.0.0/8 is loopback on Linux: a second "host" for per-address limits)."""
+    s = socket.create_connection((HOST, port), timeout=timeout, source_address=(source, 0) if source else None)
     s.settimeout(timeout)
     return s
 

@@ -4,7 +4,9 @@ working, and the agent comes back by itself when the relay is killed or stopped 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import ssl
 import struct
 import time
@@ -101,18 +103,28 @@ def goaway_of(data: bytes) -> tuple[int, str]:
     pytest.fail(f"no GOAWAY among {parse_frames(data)}")
 
 
+def stranger(live) -> socket.socket:
+    """A connection to the tunnel port from a loopback address of its own per attack: the
+    relay logs failed handshakes once per address per 10 s, and each attack checks its line."""
+    stranger.count += 1
+    return connect(live.relay.tunnel_port, source=f"127.0.0.{10 + stranger.count}")
+
+
+stranger.count = 0
+
+
 # Each attack opens a connection to the tunnel port and returns (socket, its local port,
 # a check run once the relay closed it, a regex for the relay's reason after "tunnel HOST:PORT: ").
 
 
 def garbage(live):
-    sock = connect(live.relay.tunnel_port)
+    sock = stranger(live)
     sock.sendall(bytes(range(256)) * 16)  # starts with 0x00: not a TLS record type
     return sock, None, r"closed before authenticating: .+"
 
 
 def plain_http(live):
-    sock = connect(live.relay.tunnel_port)
+    sock = stranger(live)
     sock.sendall(b"GET / HTTP/1.1\r\nHost: relay.example\r\nUser-Agent: e2e\r\n\r\n")
 
     def check(data: bytes) -> None:
@@ -122,12 +134,12 @@ def plain_http(live):
 
 
 def silent(live):
-    sock = connect(live.relay.tunnel_port)
+    sock = stranger(live)
     return sock, None, rf"no TLS handshake and hello within {HANDSHAKE_TIMEOUT} s; closing"
 
 
 def huge_frame_after_handshake(live):
-    raw = connect(live.relay.tunnel_port)
+    raw = stranger(live)
     sock = tls_context(True, live.state.ca).wrap_socket(raw, server_hostname=HOST)
     assert sock.selected_alpn_protocol() == "relay/1"
     assert sock.version() == "TLSv1.3"
@@ -151,7 +163,7 @@ def client_hello_without_alpn(live):
     hello = outgoing.read()
     assert hello[0] == 0x16 and hello[5] == 0x01, "not a TLS handshake record with a ClientHello"
     assert b"relay/1" not in hello
-    sock = connect(live.relay.tunnel_port)
+    sock = stranger(live)
     sock.sendall(hello)
 
     def check(data: bytes) -> None:
@@ -164,7 +176,7 @@ def client_hello_without_alpn(live):
 
 def tls_without_alpn(live):
     """A whole TLS 1.3 handshake without ALPN: the relay says why in a GOAWAY and closes."""
-    raw = connect(live.relay.tunnel_port)
+    raw = stranger(live)
     sock = tls_context(False, live.state.ca).wrap_socket(raw, server_hostname=HOST)
     assert sock.selected_alpn_protocol() is None
 
@@ -193,7 +205,7 @@ def test_stranger_on_the_tunnel_port(live, attack):
     started = time.monotonic()
     sock, check, reason = attack(live)
     try:
-        local_port = sock.getsockname()[1]
+        local_host, local_port = sock.getsockname()[:2]
         roundtrip(live)  # during: the stranger's connection is open
         data = drain_until_closed(sock, timeout=HANDSHAKE_TIMEOUT + 5)
         took = time.monotonic() - started
@@ -201,7 +213,7 @@ def test_stranger_on_the_tunnel_port(live, attack):
             check(data)
     finally:
         sock.close()
-    relay.wait_for_log(rf"tunnel 127\.0\.0\.1:{local_port}: {reason}", timeout=5, after=relay_mark)
+    relay.wait_for_log(rf"tunnel {re.escape(local_host)}:{local_port}: {reason}", timeout=5, after=relay_mark)
     if attack is silent:
         assert HANDSHAKE_TIMEOUT - 0.5 <= took <= HANDSHAKE_TIMEOUT + 3, took
     roundtrip(live)  # after
