@@ -1549,6 +1549,10 @@ def main(argv=None) -> int:
         )
         return 2
     raise_nofile()
+    # A kill (SIGTERM, a closed terminal) must stop what the run started, as Ctrl-C does:
+    # the finally below only runs if the signal becomes an exception.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     stamp = dt.datetime.now()
     json_path = args.json or BENCH / "results" / f"{stamp:%Y-%m-%dT%H%M%S}.json"
     plot_path = args.plot or json_path.with_suffix(".png")
@@ -1592,6 +1596,10 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     _report(args, results, profile, stamp, t0, background, json_path, plot_path)
     return 1 if any(r.get("errors") for r in results.values() if isinstance(r, dict)) else 0
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_variant(name: str, args, targets, procs, work, json_path, results: dict, profile: bool) -> None:

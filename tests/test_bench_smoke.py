@@ -101,3 +101,56 @@ def test_rounds_are_combined_by_their_median_and_keep_the_spread():
     assert [r["bulk1_fwd_MBps"] for r in out["rounds"]] == [500.0, 700.0, 600.0]
     assert out["bulk1_fwd_detail"] == {"n": 3}
     assert median_of_rounds(rounds[:1]) is rounds[0]
+
+
+def _descendants(pid: int) -> set[int]:
+    from bench.harness import children_of
+
+    found, todo = set(), [pid]
+    for _ in range(1000):  # a bounded walk of the process tree
+        if not todo:
+            break
+        kids = children_of(todo.pop())
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.e2e
+def test_a_killed_bench_stops_what_it_started(tmp_path):
+    """SIGTERM (a kill, a closed terminal) leaves no iperf3, echo server or relay behind."""
+    import signal
+    import time
+
+    if shutil.which("iperf3") is None:
+        pytest.skip("iperf3 not installed (apt-get install -y iperf3)")
+    argv = [
+        sys.executable, "-m", "bench", "--only", "direct", "--workloads", "bulk1",
+        "--seconds", "60", "--json", str(tmp_path / "bench.json"), "--no-plot",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        started: set[int] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(started) < 2:  # the iperf3 and echo servers
+            started = _descendants(proc.pid)
+            time.sleep(0.2)
+        assert len(started) >= 2, f"the bench started {started} within 60 s"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in started):
+        time.sleep(0.2)
+    assert not [p for p in started if _alive(p)], "processes the bench started outlived it"
