@@ -1599,6 +1599,9 @@ def main(argv=None) -> int:
 
 
 def _exit_on_signal(signum, frame) -> None:
+    # Once: a second kill during the clean-up would abort it half way.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -1620,7 +1623,7 @@ def run_variant(name: str, args, targets, procs, work, json_path, results: dict,
         v.start()
         results[name] = run_workloads(v, args)
         if args.profile and profile and name == "relay":
-            log("relay: profiling relay and agent under one iperf3 stream (py-spy)")
+            log("relay: profiling relay and agent (py-spy) under iperf3 and wrk")
             results["_profile"] = profile_relay(v, args, json_path.parent)
     except (BenchError, subprocess.TimeoutExpired, OSError) as e:
         results.setdefault(name, {}).setdefault("errors", {})["setup"] = str(e)

@@ -13,7 +13,10 @@ GROUP_LINES = 10
 
 
 class ThrottledLog:
-    """Logs the first event of a key, then at most one per `interval` with how many were held back."""
+    """Logs the first event of a key, then at most one per `interval` with how many were held
+    back; the keys of a group (one per source address, say) log at most GROUP_LINES lines
+    together per interval (a fixed window from the group's first line), the next line
+    saying how many of the group's were not logged."""
 
     def __init__(self, log: Logger, clock: Callable[[], float], interval: float = 10.0) -> None:
         self._log = log

@@ -119,6 +119,7 @@ class RelayTunnel(Tunnel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._source = getattr(self.transport.getPeer(), "host", "?")
         if self.relay.unauthenticated >= self.relay.settings.max_unauthenticated:
             self.relay.throttled.warn(
                 "unauthenticated",
@@ -128,7 +129,6 @@ class RelayTunnel(Tunnel):
             )
             self.transport.abortConnection()
             return
-        self._source = getattr(self.transport.getPeer(), "host", "?")
         held = self.relay.unauthenticated_by_source.get(self._source, 0)
         if held >= self.relay.settings.max_unauthenticated_per_ip:
             self.relay.throttled.warn(
@@ -174,8 +174,6 @@ class RelayTunnel(Tunnel):
         if self.agent is not None:
             self.relay.detach(self)
         elif reason is not None and not reason.check(error.ConnectionDone, error.ConnectionLost):
-            # A stranger can fail handshakes as fast as it connects, from as many addresses
-            # as it has: one line per address per 10 s, and GROUP_LINES of them in all.
             self.relay.throttled.info(
                 f"tls:{self._source}",
                 "tunnel {peer}: closed before authenticating: {why}",
@@ -183,6 +181,15 @@ class RelayTunnel(Tunnel):
                 peer=self.peer,
                 why=reason.getErrorMessage(),
             )
+
+    def peer_warning(self, kind: str, format: str, **fields) -> None:
+        if self.agent is not None:
+            super().peer_warning(kind, format, **fields)
+            return
+        # A stranger can fail a handshake, skip ALPN or send a bad frame before its hello as
+        # fast as it connects, from as many addresses as it has: one line per address and
+        # kind per 10 s, and GROUP_LINES lines of a kind in all (ThrottledLog).
+        self.relay.throttled.warn(f"{kind}:{self._source}", format, group=kind, **fields)
 
     def control_received(self, message: dict) -> None:
         kind = message.get("type")
@@ -204,13 +211,7 @@ class RelayTunnel(Tunnel):
             self.close(ErrorCode.INTERNAL_ERROR, "the relay cannot check credentials now; try again later")
             return
         if found is None:
-            self.relay.throttled.warn(
-                f"auth:{self._source}",
-                "tunnel {peer}: authentication failed ({why})",
-                group="auth",
-                peer=self.peer,
-                why=failure,
-            )
+            self.peer_warning("auth", "tunnel {peer}: authentication failed ({why})", peer=self.peer, why=failure)
             self.close(ErrorCode.AUTH_FAILED, f"authentication failed: {failure}")
             return
         agent, credential = found

@@ -271,7 +271,8 @@ class Tunnel(Protocol):
         if getattr(self.transport, "_aborted", False) or self.transport.disconnecting:
             return  # certificate verification failed after the handshake (Twisted calls us anyway)
         if self.transport.negotiatedProtocol != defaults.ALPN:
-            self.log.warn(
+            self.peer_warning(
+                "alpn",
                 "tunnel {peer}: peer did not negotiate ALPN {alpn}; closing",
                 peer=self.peer,
                 alpn=defaults.ALPN.decode(),
@@ -284,6 +285,11 @@ class Tunnel(Protocol):
 
     def tunnel_ready(self) -> None:
         """TLS is up and verified; subclasses start their hello here."""
+
+    def peer_warning(self, kind: str, format: str, **fields) -> None:
+        """A warning about what the peer did that closes this tunnel. The relay limits those
+        a stranger can provoke before it authenticates (RelayTunnel)."""
+        self.log.warn(format, **fields)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected_tunnel = False
@@ -351,7 +357,7 @@ class Tunnel(Protocol):
             events = self.session.receive_data(data)
         except ProtocolError as e:
             self._broken = True
-            self.log.warn("tunnel {peer}: protocol error: {error}", peer=self.peer, error=str(e))
+            self.peer_warning("protocol", "tunnel {peer}: protocol error: {error}", peer=self.peer, error=str(e))
             self.close(ErrorCode.PROTOCOL_ERROR, str(e))
             return
         if self.session.refused_opens != refused:

@@ -856,3 +856,75 @@ def test_failed_authentications_from_many_addresses_are_capped_in_all(world, sta
     assert matching(logs, "authentication failed (the token")[-1].endswith("(20 more of this kind were not logged)")
     assert world.relay.tunnels.keys() == {"good"}
     assert_flows(world, good)
+
+
+def _without_alpn():
+    """A TLS client that offers no ALPN (and accepts any relay certificate)."""
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+    from zope.interface import implementer
+
+    @implementer(IOpenSSLClientConnectionCreator)
+    class NoALPN:
+        def __init__(self):
+            self._options = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_3)
+            self._options.getContext().set_verify(SSL.VERIFY_PEER, lambda *a: True)
+
+        def clientConnectionForTLS(self, proto):  # noqa: N802 (Twisted's name)
+            connection = self._options.clientConnectionForTLS(proto)
+            connection.set_connect_state()
+            return connection
+
+    return NoALPN()
+
+
+def _stranger_with_a_bad_frame(world, host):
+    """A TLS client that never says hello and sends a frame of protocol version 0."""
+    stranger = world.agent("x.y", {8080: Target("127.0.0.1", 80)}, peer_host=host)
+    stranger.tunnel.tunnel_ready = lambda: None  # no hello
+    stranger.flush()
+    stranger.tls.write(HEADER.pack(0, 0, 0, 1, 4) + bytes(4))
+    stranger.flush()
+    assert not stranger.relay_tunnel.connected_tunnel
+
+
+def _stranger_without_alpn(world, host):
+    stranger = world.agent("x.y", {8080: Target("127.0.0.1", 80)}, creator=_without_alpn(), peer_host=host)
+    stranger.flush()
+    assert not stranger.relay_tunnel.connected_tunnel
+
+
+@pytest.mark.parametrize(
+    ("attack", "line"),
+    [(_stranger_with_a_bad_frame, "protocol error:"), (_stranger_without_alpn, "did not negotiate ALPN")],
+    ids=["bad-frame", "no-alpn"],
+)
+def test_what_strangers_provoke_before_hello_is_logged_once_per_address_and_capped(world, state, logs, attack, line):
+    from relay.logs import GROUP_LINES
+
+    good = healthy(world, state)
+    for i in range(GROUP_LINES + 5):
+        for _ in range(3):
+            attack(world, f"203.0.113.{i}")
+    def relays(lines):  # the stranger's own client logs the missing ALPN too
+        return [entry for entry in matching(lines, line) if entry.startswith("tunnel 203.0.113.")]
+
+    assert [entry.split(":")[0] for entry in relays(logs)] == [f"tunnel 203.0.113.{i}" for i in range(GROUP_LINES)]
+    world.clock.advance(10)
+    attack(world, "203.0.113.0")
+    assert relays(logs)[-1].endswith(
+        "(15 more of this kind were not logged) (2 more like this in the last 10 s)"
+    )
+    assert world.relay.tunnels.keys() == {"good"}
+    assert_flows(world, good)
+
+
+def test_an_authenticated_agents_protocol_error_is_always_logged(world, state, logs):
+    """The limit is for strangers: an agent with a credential is named in every line."""
+    for _ in range(3):
+        bad = Hostile(world, state)
+        bad.send(HEADER.pack(0, 0, 0, 1, 4) + bytes(4))
+        bad.flush()
+        assert not bad.up
+    assert len(matching(logs, "protocol error:")) == 3

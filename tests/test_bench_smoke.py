@@ -127,6 +127,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.e2e
 def test_a_killed_bench_stops_what_it_started(tmp_path):
     """SIGTERM (a kill, a closed terminal) leaves no iperf3, echo server or relay behind."""
+    import contextlib
+    import os
     import signal
     import time
 
@@ -153,4 +155,8 @@ def test_a_killed_bench_stops_what_it_started(tmp_path):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in started):
         time.sleep(0.2)
-    assert not [p for p in started if _alive(p)], "processes the bench started outlived it"
+    survivors = [p for p in started if _alive(p)]
+    for pid in survivors:  # do not leave them to the rest of the suite
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not survivors, "processes the bench started outlived it"

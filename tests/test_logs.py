@@ -86,4 +86,6 @@ def test_a_key_within_its_interval_does_not_use_up_its_groups_lines():
         t.warn("auth:192.0.2.1", "failed", group="auth")
     for i in range(logs.GROUP_LINES - 1):
         t.warn(f"auth:198.51.100.{i}", "failed", group="auth")
-    assert len(lines) == logs.GROUP_LINES
+    assert len(lines) == logs.GROUP_LINES  # the 49 held-back repeats took none of the ten
+    t.warn("auth:203.0.113.1", "failed", group="auth")
+    assert len(lines) == logs.GROUP_LINES  # and the ten are used up now
