@@ -85,6 +85,36 @@ def tune_socket(transport, *, keepalive: bool = False, user_timeout: float | Non
         pass  # not a TCP socket (a test transport, a UNIX socket): nothing to tune
 
 
+def close_write_now(transport) -> None:
+    """transport.loseWriteConnection(), done at once when nothing waits to be written.
+
+    Twisted half-closes from its next write event: it registers for writability, waits an
+    epoll round, sends zero bytes, unregisters, and only then calls shutdown(SHUT_WR):
+    four system calls and a reactor turn at both ends of every stream (bench/ newconn).
+    A stream's deliveries go to the kernel at once (send_now), so its buffer is nearly
+    always empty when the FIN comes; then the shutdown is done here, as Twisted's own
+    doWrite would do it (the flags first, then _closeWriteConnection, which tells the
+    protocol). Anything still queued, or a transport that is not plain TCP, is left to
+    Twisted.
+    """
+    if (
+        getattr(transport, "socket", None) is None
+        or not hasattr(transport, "_closeWriteConnection")
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnecting
+        or transport._writeDisconnected
+        or transport.producer is not None
+        or transport._tempDataBuffer
+        or transport.offset != len(transport.dataBuffer)
+    ):
+        transport.loseWriteConnection()
+        return
+    transport._writeDisconnecting = True
+    transport._writeDisconnected = True
+    transport._closeWriteConnection()
+
+
 @implementer(IHalfCloseableProtocol, IPushProducer)
 class Stream(Protocol):
     """One TCP connection (a public client on the relay, a target on the agent) bound to a stream.
@@ -111,6 +141,12 @@ class Stream(Protocol):
         tune_socket(self.transport)
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = STREAM_READ_SIZE
+        if hasattr(self.transport, "_shouldShutdown"):
+            # Twisted calls shutdown(SHUT_RDWR) before close() on an orderly close, "not
+            # really necessary" by its own comment (the descriptor is close-on-exec, so
+            # close() is the last reference): after our half-close it only fails with
+            # ENOTCONN, one system call per stream end.
+            self.transport._shouldShutdown = False
         self.transport.registerProducer(self, True)
         if self._early or self._early_fin:
             early, self._early = self._early, []
@@ -193,7 +229,7 @@ class Stream(Protocol):
             # a streaming producer is paused (it resumes the producer instead), so the FIN
             # was lost whenever the target or client had been slower than the tunnel.
             self.transport.unregisterProducer()
-            self.transport.loseWriteConnection()
+            close_write_now(self.transport)
 
     def abort(self) -> None:
         self.closing = True
