@@ -174,10 +174,10 @@ class RelayTunnel(Tunnel):
         if self.agent is not None:
             self.relay.detach(self)
         elif reason is not None and not reason.check(error.ConnectionDone, error.ConnectionLost):
-            self.relay.throttled.info(
-                f"tls:{self._source}",
+            self._stranger_log(
+                self.relay.throttled.info,
+                "tls",
                 "tunnel {peer}: closed before authenticating: {why}",
-                group="tls",
                 peer=self.peer,
                 why=reason.getErrorMessage(),
             )
@@ -185,11 +185,14 @@ class RelayTunnel(Tunnel):
     def peer_warning(self, kind: str, format: str, **fields) -> None:
         if self.agent is not None:
             super().peer_warning(kind, format, **fields)
-            return
+        else:
+            self._stranger_log(self.relay.throttled.warn, kind, format, **fields)
+
+    def _stranger_log(self, emit, kind: str, format: str, **fields) -> None:
         # A stranger can fail a handshake, skip ALPN or send a bad frame before its hello as
         # fast as it connects, from as many addresses as it has: one line per address and
         # kind per 10 s, and GROUP_LINES lines of a kind in all (ThrottledLog).
-        self.relay.throttled.warn(f"{kind}:{self._source}", format, group=kind, **fields)
+        emit(f"{kind}:{self._source}", format, group=kind, **fields)
 
     def control_received(self, message: dict) -> None:
         kind = message.get("type")
