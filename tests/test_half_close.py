@@ -1,6 +1,6 @@
 """A stream's FIN: the half-close is done at once when nothing is queued (relay/tunnel.py
 close_write_now), in Twisted's order when something is; and the orderly close after it
-makes no second shutdown. Real loopback sockets, no reactor run: what the peer socket
+makes no second shutdown and no new Failure (close_now). Real loopback sockets, no reactor run: what the peer socket
 sees is read without waiting."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from __future__ import annotations
 import socket
 
 import pytest
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
-from relay.tunnel import Stream, close_write_now
+from relay.tunnel import Stream, close_now, close_write_now
 
 
 @implementer(IHalfCloseableProtocol)
@@ -132,3 +132,46 @@ def test_the_close_after_a_half_close_makes_no_second_shutdown(connected):
     assert tunnel.lost == [True]
     assert sock.fileno() == -1  # closed, at once
     assert sock.shutdowns == [socket.SHUT_WR]
+
+
+def test_the_orderly_close_hands_on_the_one_shared_failure(connected):
+    """Both directions ended: the transport stops being watched and closes its socket at
+    once, and the protocol hears ConnectionDone, the same Failure object every time."""
+    reactor, transport, protocol, peer = connected
+    sock = transport.socket
+    close_write_now(transport)
+    close_now(transport)
+    assert transport not in reactor.getReaders() and transport not in reactor.getWriters()
+    assert sock.fileno() == -1
+    assert protocol.lost.check(error.ConnectionDone)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname(), timeout=5):
+            accepted, address = listener.accept()
+        other = HalfCloser()
+        second = tcp.Server(accepted, other, address, None, 2, reactor)
+        other.makeConnection(second)
+        close_write_now(second)
+        close_now(second)
+    assert other.lost is protocol.lost  # not a new Failure per connection
+
+
+@pytest.mark.parametrize("state", ["still writing", "already closing"])
+def test_a_close_before_both_directions_ended_is_left_to_twisted(connected, state):
+    """Only a transport whose write side is shut down is closed at once; otherwise Twisted's
+    loseConnection keeps its order (queued bytes first, then the close)."""
+    reactor, transport, protocol, peer = connected
+    if state == "already closing":
+        transport.write(b"queued")
+        transport.loseConnection()
+    else:
+        transport.write(b"queued")
+    close_now(transport)
+    assert protocol.lost is None  # not closed yet: the queued bytes go first
+    assert transport.disconnecting
+    # The reactor's write event: the bytes leave, then Twisted reports the close (which
+    # the reactor hands to connectionLost).
+    assert isinstance(transport.doWrite(), error.ConnectionDone)
+    assert peer.recv(10) == b"queued"
