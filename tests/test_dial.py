@@ -249,6 +249,16 @@ def test_the_agent_dials_addresses_with_this_endpoint(host, family):
     assert (endpoint.host, endpoint.port, endpoint.timeout, endpoint.family) == (host, 80, 7.0, family)
 
 
+def test_the_agent_makes_each_targets_endpoint_once():
+    """Per stream, only the connect: the endpoint (and telling an address from a name) is
+    made at the first stream to a target and kept, for names as for addresses."""
+    settings = AgentSettings(token="t", expose={}, connect_timeout=7.0)
+    service = AgentService(MemoryReactorClock(), endpoint=None, settings=settings, relay_name="relay.test:7835")
+    for target in (Target("127.0.0.1", 80), Target("::1", 80), Target("db.internal", 5432)):
+        assert service.target_endpoint(target) is service.target_endpoint(Target(target.host, target.port))
+    assert service.target_endpoint(Target("127.0.0.1", 80)) is not service.target_endpoint(Target("127.0.0.1", 81))
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
