@@ -147,9 +147,12 @@ class RelayTunnel(Tunnel):
 
     def _too_slow(self) -> None:
         self._handshake_timer = None
-        # Not rate-limited: the handshake slots bound it (one line per slot per
-        # handshake-timeout; 1.6 lines/s at most from one address at the defaults).
-        self.log.warn(
+        # Limited like the other failures before hello: the handshake slots alone let
+        # strangers with many addresses write one line per slot per timeout (25 a second
+        # at the defaults).
+        self._stranger_log(
+            self.relay.throttled.warn,
+            "slow",
             "tunnel {peer}: no TLS handshake and hello within {t:.0f} s; closing",
             peer=self.peer,
             t=self.relay.settings.handshake_timeout,

@@ -920,6 +920,39 @@ def test_what_strangers_provoke_before_hello_is_logged_once_per_address_and_capp
     assert_flows(world, good)
 
 
+def test_silent_strangers_are_logged_once_per_address_and_capped(world, state, logs):
+    """Connections that never start TLS each hold a handshake slot until the timeout; from
+    many addresses they would still write up to a line per slot per timeout (25 lines/s at
+    the defaults). Logged like the other failures before hello."""
+    from relay.logs import GROUP_LINES
+
+    good = healthy(world, state)
+
+    def silent(host):
+        address = IPv4Address("TCP", host, 40000)
+        server = world.server_tls.buildProtocol(address)
+        transport = iosim.FakeTransport(server, True, peerAddress=address)
+        server.makeConnection(transport)
+        return server, transport
+
+    def time_out(connections):
+        world.clock.advance(defaults.HANDSHAKE_TIMEOUT + 0.1)
+        for server, transport in connections:
+            assert transport.disconnecting
+            server.connectionLost(Failure(error.ConnectionLost()))
+
+    def relays(lines):
+        return [entry for entry in matching(lines, "no TLS handshake and hello within") if entry.startswith("tunnel 203.0.113.")]
+
+    time_out([silent(f"203.0.113.{i}") for i in range(GROUP_LINES + 5) for _ in range(3)])
+    assert [entry.split(":")[0] for entry in relays(logs)] == [f"tunnel 203.0.113.{i}" for i in range(GROUP_LINES)]
+    assert world.relay.unauthenticated == 0
+    time_out([silent("203.0.113.0")])
+    assert relays(logs)[-1].endswith("(15 more of this kind were not logged) (2 more like this in the last 10 s)")
+    assert world.relay.tunnels.keys() == {"good"}
+    assert_flows(world, good)
+
+
 def test_an_authenticated_agents_protocol_error_is_always_logged(world, state, logs):
     """The limit is for strangers: an agent with a credential is named in every line."""
     for _ in range(3):
