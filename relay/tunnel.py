@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from twisted.internet import error, main
+from twisted.internet import error, main, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -94,12 +94,13 @@ def close_write_now(transport) -> None:
     A stream's deliveries go to the kernel at once (send_now), so its buffer is nearly
     always empty when the FIN comes; then the shutdown is done here, as Twisted's own
     doWrite would do it (the flags first, then _closeWriteConnection, which tells the
-    protocol). Anything still queued, or a transport that is not plain TCP, is left to
-    Twisted.
+    protocol). Anything still queued, or a transport that is not plain TCP (a test's, or
+    one wrapped by another protocol, which would pass these attributes through), is left
+    to Twisted.
     """
     if (
-        getattr(transport, "socket", None) is None
-        or not hasattr(transport, "_closeWriteConnection")
+        not isinstance(transport, tcp.Connection)
+        or transport.TLS
         or not transport.connected
         or transport.disconnecting
         or transport._writeDisconnecting
@@ -126,10 +127,11 @@ _CLOSED_CLEANLY = Failure(main.CONNECTION_DONE)
 def close_now(transport) -> None:
     """transport.loseConnection() once both directions have ended: what Twisted does for a
     transport whose write side is already shut down (stop watching it, then
-    connectionLost), with the shared ConnectionDone. Anything else is left to Twisted."""
+    connectionLost), with the shared ConnectionDone. Anything else, and any transport
+    that is not plain TCP, is left to Twisted."""
     if (
-        getattr(transport, "socket", None) is None
-        or getattr(transport, "TLS", False)
+        not isinstance(transport, tcp.Connection)
+        or transport.TLS
         or not transport.connected
         or transport.disconnecting
         or not transport._writeDisconnected

@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
-from relay.tunnel import Stream, close_now, close_write_now
+from relay.tunnel import _CLOSED_CLEANLY, Stream, close_now, close_write_now
 
 
 @implementer(IHalfCloseableProtocol)
@@ -121,9 +121,16 @@ def test_the_close_after_a_half_close_makes_no_second_shutdown(connected):
         def stream_eof(self, stream):
             pass
 
+    class RecordingStream(Stream):
+        reason = None
+
+        def connectionLost(self, reason=None):
+            self.reason = reason
+            super().connectionLost(reason)
+
     tunnel = FakeTunnel()
     sock = transport.socket
-    stream = Stream(tunnel, 1)
+    stream = RecordingStream(tunnel, 1)
     transport.protocol = stream
     stream.makeConnection(transport)
     stream.deliver_fin()
@@ -132,6 +139,8 @@ def test_the_close_after_a_half_close_makes_no_second_shutdown(connected):
     assert tunnel.lost == [True]
     assert sock.fileno() == -1  # closed, at once
     assert sock.shutdowns == [socket.SHUT_WR]
+    assert stream.reason is _CLOSED_CLEANLY  # close_now's shared Failure, not a new one
+    assert transport not in reactor.getReaders() and transport not in reactor.getWriters()
 
 
 def test_the_orderly_close_hands_on_the_one_shared_failure(connected):
@@ -175,3 +184,28 @@ def test_a_close_before_both_directions_ended_is_left_to_twisted(connected, stat
     # the reactor hands to connectionLost).
     assert isinstance(transport.doWrite(), error.ConnectionDone)
     assert peer.recv(10) == b"queued"
+
+
+def test_a_wrapped_transport_is_left_to_twisted(connected):
+    """A protocol wrapper (TLS, say) passes the TCP transport's attributes through; closing
+    it at the socket's level would skip the wrapper, so both helpers leave it to Twisted."""
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+    reactor, transport, protocol, peer = connected
+    calls = []
+
+    class Wrapper(ProtocolWrapper):
+        def loseWriteConnection(self):
+            calls.append("loseWriteConnection")
+
+        def loseConnection(self):
+            calls.append("loseConnection")
+
+    wrapper = Wrapper(WrappingFactory(Protocol), Protocol())
+    wrapper.makeConnection(transport)
+    assert wrapper.socket is transport.socket  # what the old attribute checks looked at
+    close_write_now(wrapper)
+    transport._writeDisconnected = True  # as if the write side had been shut down
+    close_now(wrapper)
+    assert calls == ["loseWriteConnection", "loseConnection"]
+    assert transport.connected and transport.socket.fileno() != -1
