@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import resource
@@ -72,9 +73,20 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        given = {name: self.get(name) for name in OPTIONS}  # the command line's own values
+
+        def where(name: str) -> str:
+            if given[name] not in (None, [], False):
+                return f"option --{name}"
+            return f"config file {self['config']}: key '{name}'"
+
         try:
             self.update(merge(self, OPTIONS))
             self["port-policies"] = parse_policies(self["ports"], f"config file {self['config']}")
+            # Checked here, before the state dir is made: twistd prints a usage error as one
+            # line, and one raised in makeService as a traceback.
+            _check_tunnel(self["tunnel"], where("tunnel"))
+            _check_public_interface(self["public-interface"], where("public-interface"))
         except (ConfigError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
 
@@ -119,10 +131,7 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
     )
     relay = Relay(reactor, state, settings)
     tls = server_options(state.server_cert_path, state.server_key_path, state.ca_cert_path)
-    try:
-        endpoint = endpoints.serverFromString(reactor, config["tunnel"])
-    except (ValueError, TypeError) as e:
-        raise usage.UsageError(f"--tunnel {config['tunnel']!r} is not a server endpoint ({e}); try tcp:7835") from None
+    endpoint = endpoints.serverFromString(reactor, config["tunnel"])  # checked in postOptions
     top = RelayService(relay)
     relay.setServiceParent(top)  # its start/stop runs the agents.json watcher (revocation)
     _reload_on_sighup(reactor, relay)
@@ -181,9 +190,38 @@ def _first_run_hint(state: State, tunnel: str) -> None:
     )
 
 
+def _check_tunnel(description: str, where: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)  # parses; listens only when started
+    except Exception as e:  # noqa: BLE001 (an endpoint plugin may raise anything on bad input)
+        raise ConfigError(f"{where}: {description!r} is not a Twisted server endpoint ({e}); try tcp:7835") from None
+
+
+def _check_public_interface(interface: str, where: str) -> None:
+    try:
+        if interface:
+            ipaddress.ip_address(interface.split("%", 1)[0])  # fe80::1%eth0 keeps its scope
+    except ValueError:
+        raise ConfigError(
+            f"{where}: {interface!r} is not an IP address; give one of this host's addresses, "
+            "'::' for all of them (IPv6 and IPv4), or leave it out for all IPv4 ones"
+        ) from None
+
+
 def _tunnel_port(endpoint: str) -> int | None:
-    match = re.match(r"^(?:tcp6?|ssl)?:?(\d+)(?::|$)", endpoint)
-    return int(match.group(1)) if match else None
+    """The TCP port of a tcp:, tcp6: or ssl: endpoint string, given as its first argument
+    (tcp:7835) or by name (tcp:port=7835:interface=...); None for other kinds (unix:)."""
+    kind, *fields = re.split(r"(?<!\\):", endpoint)
+    if kind.isdigit() and not fields:
+        return int(kind)  # a bare port, which serverFromString reads as tcp
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    positional = [f for f in fields if "=" not in f]
+    named = dict(f.split("=", 1) for f in fields if "=" in f)
+    text = named.get("port", positional[0] if positional else "")
+    return int(text) if text.isdigit() else None
 
 
 def _raise_fd_limit() -> None:
