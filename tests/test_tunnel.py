@@ -7,6 +7,7 @@ import socket
 
 import pytest
 from twisted.internet import error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
@@ -265,6 +266,24 @@ def test_interleaved_streams_are_delivered_in_order_each(world, state):
         b.dataReceived(b"b%d" % i)
     agent.flush()
     assert a_target.value() == b"a0a1a2" and b_target.value() == b"b0b1b2"
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        (IPv4Address("TCP", "203.0.113.7", 40000), "203.0.113.7"),
+        (IPv6Address("TCP", "2001:db8::7", 40001), "2001:db8::7"),
+        (IPv6Address("TCP", "::ffff:203.0.113.8", 40002), "203.0.113.8"),  # a v4 client on a dual-stack port
+    ],
+)
+def test_the_open_names_the_public_clients_address(world, state, peer, host):
+    agent = up(world, state)
+    opened = []
+    stream_opened = agent.tunnel.stream_opened
+    agent.tunnel.stream_opened = lambda event: (opened.append(event), stream_opened(event))
+    world.public_client(8080, peer)
+    agent.flush()
+    assert [(e.port, e.client_host, e.client_port) for e in opened] == [(8080, host, peer.port)]
 
 
 def test_early_data_waits_for_the_target_connection(world, state):
