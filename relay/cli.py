@@ -145,23 +145,23 @@ def _parser() -> _Parser:
 def _init(args: argparse.Namespace) -> None:
     pin = init_state(args.state, args.hostname)
     state = State(args.state)
-    print(f"CA pin: {pin}")
-    print(f"State dir: {state.path.resolve()}")
-    print(
+    _say(f"CA pin: {pin}")
+    _say(f"State dir: {state.path.resolve()}")
+    _say(
         f"Server certificate: {state.server_cert_path} (names: {', '.join(state.server_hostnames())})"
     )
-    print(
+    _say(
         f"Agents trust this relay with --ca {state.ca_cert_path} (copy the file to the "
         f"inside host) or --pin {pin}"
     )
-    print(f"Next: relay agent-token --state {shlex.quote(args.state)} NAME")
+    _say(f"Next: relay agent-token --state {shlex.quote(args.state)} NAME")
 
 
 def _agent_token(args: argparse.Namespace) -> None:
     state = State(args.state)
     rotated = args.name in state.agents()
     token = state.issue_token(args.name, args.ports)
-    print(token)
+    _say(token)
     ports = args.ports or _ANY_PORT
     what = "rotated (the old token no longer works)" if rotated else "created"
     # stderr, so that `relay agent-token NAME > FILE` captures the token alone.
@@ -194,15 +194,15 @@ def _agent_cert(args: argparse.Namespace) -> None:
         what = "given a certificate"
     else:
         what = "created"
-    print(f"relay agent-cert: agent {args.name!r} {what}, ports: {args.ports or _ANY_PORT}.")
+    _say(f"relay agent-cert: agent {args.name!r} {what}, ports: {args.ports or _ANY_PORT}.")
     if TOKEN in had:
-        print(
+        _say(
             "Its token stays valid too; `relay agent-revoke` removes both, `relay agent-token` "
             "rotates the token."
         )
-    print(f"Key and certificate: {out} (mode 0600; it is the agent's secret)")
-    print(f"Certificate: {issued.fingerprint}, valid until {issued.not_after:%Y-%m-%d %H:%M} UTC")
-    print(
+    _say(f"Key and certificate: {out} (mode 0600; it is the agent's secret)")
+    _say(f"Certificate: {issued.fingerprint}, valid until {issued.not_after:%Y-%m-%d %H:%M} UTC")
+    _say(
         f"Copy {out} and {state.ca_cert_path} to the inside host and run: twistd -n relay-agent "
         f"--relay HOST:PORT --cert {shlex.quote(os.path.basename(out))} --ca ca.pem "
         "--expose PUBLIC=HOST:PORT"
@@ -220,7 +220,7 @@ def _agent_revoke(args: argparse.Namespace) -> None:
             "check the name and --state"
         ) from None
     kinds = [k for k, had in (("token", revoked.token), ("certificate", revoked.certificate)) if had]
-    print(
+    _say(
         f"relay agent-revoke: agent {args.name!r} removed with its {' and '.join(kinds)}. A "
         f"running relay closes its tunnel and frees its ports within {_POLL:g} s (at once "
         "after `kill -HUP` of the relay)."
@@ -236,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         args.run(args)
+    except _OutputError as exc:
+        _quiet_stdout()
+        return _fail(args.command, f"cannot write to standard output: {exc}; {_DONE_ANYWAY[args.command]}")
     except StateError as exc:
         return _fail(args.command, str(exc))
     except OSError as exc:
@@ -245,6 +248,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"cannot use {where}: {exc.strerror or exc}; check the path and its permissions",
         )
     return 0
+
+
+# What a command had already done when its output could not be written.
+_DONE_ANYWAY = {
+    "init": "the state dir is set up all the same; run relay init again (it changes nothing) to see the pin",
+    "agent-token": "the agent's new token was stored but not shown (any older one no longer "
+    "works); run relay agent-token again into a writable place",
+    "agent-cert": "the certificate and key were written to --out all the same",
+    "agent-revoke": "the agent was removed all the same",
+}
+
+
+class _OutputError(Exception):
+    """Standard output did not take what a command printed (a closed pipe, a full disk)."""
+
+
+def _say(text: str) -> None:
+    """print(text), at once: a closed pipe or a full disk is reported as such, not as a
+    problem with the state dir, and after what the command already did (_DONE_ANYWAY)."""
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        raise _OutputError(exc.strerror or str(exc)) from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit fails no more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (tests)
+        pass
 
 
 def _fail(command: str, message: str) -> int:

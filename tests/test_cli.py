@@ -183,6 +183,39 @@ def test_error_stays_one_line_for_a_path_with_a_newline(tmp_path, capsys):
     assert "run `relay init --state" in one_error_line(capsys.readouterr().err, "relay agent-token")
 
 
+class BrokenStdout:
+    """A standard output that takes nothing: a closed pipe (`| head -1`) or a full disk."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def write(self, text):
+        raise self.error
+
+    def flush(self):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(32, "Broken pipe"), OSError(28, "No space left on device")])
+def test_an_unwritable_stdout_after_agent_token_says_the_token_is_lost(state_dir, capsys, monkeypatch, error):
+    """The credential is stored before the token is printed: say so, and what to do, not
+    'cannot use STATE' (the state dir is fine)."""
+    monkeypatch.setattr("sys.stdout", BrokenStdout(error))
+    assert main(["agent-token", "--state", str(state_dir), "web"]) == 1
+    line = one_error_line(capsys.readouterr().err, "relay agent-token")
+    assert f"cannot write to standard output: {error.strerror}" in line
+    assert "run relay agent-token again" in line and "cannot use" not in line
+    assert "web" in State(state_dir).agents()
+
+
+def test_an_unwritable_stdout_after_init_says_the_state_dir_is_set_up(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdout", BrokenStdout(BrokenPipeError(32, "Broken pipe")))
+    assert main(["init", "--state", str(tmp_path / "st")]) == 1
+    line = one_error_line(capsys.readouterr().err, "relay init")
+    assert "cannot write to standard output: Broken pipe; the state dir is set up all the same" in line
+    assert State(tmp_path / "st").ca_pin().startswith("sha256:")
+
+
 # --- agent-cert and agent-revoke ---
 
 
