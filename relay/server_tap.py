@@ -145,14 +145,43 @@ def makeService(config: Options) -> service.IService:  # noqa: N802 (twistd's na
 
 def _reload_on_sighup(reactor, relay: Relay) -> None:
     """`kill -HUP`: re-read agents.json now and close tunnels whose credential was revoked
-    (the relay also notices within its 2 s poll; this is for scripts that want it at once)."""
+    (the relay also notices within its 2 s poll; this is for scripts that want it at once).
+
+    A burst of signals is one re-read: the handler only asks the reactor for a check when
+    none is waiting. Each call used to queue one, and a storm (thousands a second, while
+    streams flowed) nested the handlers until RecursionError ended the main loop."""
+    waiting = False
+
+    def check() -> None:
+        nonlocal waiting
+        waiting = False  # a signal from now on may follow a change this check misses
+        relay.check_credentials(force=True)
 
     def on_sighup(signum, frame) -> None:
-        reactor.callFromThread(relay.check_credentials, force=True)
+        nonlocal waiting
+        if waiting:
+            return
+        waiting = True
+        reactor.callFromThread(check)
 
     try:
         signal.signal(signal.SIGHUP, on_sighup)
     except (ValueError, AttributeError):  # not the main thread (some tests), or no SIGHUP here
+        return
+    reactor.callWhenRunning(_drop_signals_a_full_wakeup_pipe_holds)
+
+
+def _drop_signals_a_full_wakeup_pipe_holds() -> None:
+    """Once the reactor has installed its signal wake-up pipe: when a storm of signals has
+    filled it, the reactor will wake anyway, so the extra bytes are not needed. By default
+    CPython then reports the full pipe from inside its C signal handler, which takes a lock
+    the interrupted main thread may hold: under a SIGHUP storm the relay hung for good,
+    serving nothing and deaf to SIGTERM."""
+    try:
+        fd = signal.set_wakeup_fd(-1)
+        if fd != -1:
+            signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):  # not the main thread, or no wake-up pipe here
         pass
 
 

@@ -240,25 +240,79 @@ def test_broken_agents_json_keeps_tunnels_and_logs_once(world, state, tmp_path):
 
 def test_sighup_schedules_a_forced_check_on_the_reactor(state):
     calls = []
+    checks = []
 
     class FakeReactor:
         def callFromThread(self, f, *args, **kwargs):  # noqa: N802 (Twisted's name)
             calls.append((f, args, kwargs))
 
-    class FakeRelay:
-        def check_credentials(self, force=False):
+        def callWhenRunning(self, f, *args, **kwargs):  # noqa: N802 (Twisted's name)
             pass
 
-    relay = FakeRelay()
+    class FakeRelay:
+        def check_credentials(self, force=False):
+            checks.append(force)
+
     before = signal.getsignal(signal.SIGHUP)
     try:
-        server_tap._reload_on_sighup(FakeReactor(), relay)
+        server_tap._reload_on_sighup(FakeReactor(), FakeRelay())
         handler = signal.getsignal(signal.SIGHUP)
         assert callable(handler) and handler is not before
         handler(signal.SIGHUP, None)
-        assert calls == [(relay.check_credentials, (), {"force": True})]
+        assert len(calls) == 1
+        f, args, kwargs = calls[0]
+        f(*args, **kwargs)
+        assert checks == [True]
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_storm_of_sighups_is_one_check_at_a_time(state):
+    """Thousands of signals before the reactor's next turn ask for one check, not one each
+    (each queued call used to nest the handlers until RecursionError ended the main loop);
+    a signal after the check began asks for another."""
+    calls = []
+    checks = []
+
+    class FakeReactor:
+        def callFromThread(self, f, *args, **kwargs):  # noqa: N802 (Twisted's name)
+            calls.append((f, args, kwargs))
+
+        def callWhenRunning(self, f, *args, **kwargs):  # noqa: N802 (Twisted's name)
+            pass
+
+    class FakeRelay:
+        def check_credentials(self, force=False):
+            checks.append(force)
+            handler(signal.SIGHUP, None)  # one more signal while the check runs
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        server_tap._reload_on_sighup(FakeReactor(), FakeRelay())
+        handler = signal.getsignal(signal.SIGHUP)
+        for _ in range(5000):
+            handler(signal.SIGHUP, None)
+        assert len(calls) == 1
+        f, args, kwargs = calls.pop()
+        f(*args, **kwargs)
+        assert checks == [True]
+        assert len(calls) == 1  # the signal during the check: one more check
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_a_full_signal_wakeup_pipe_is_not_reported_from_the_signal_handler(monkeypatch):
+    """CPython reports a full wake-up pipe from inside its C signal handler, taking a lock
+    the main thread may hold: a SIGHUP storm hung the relay. The reactor wakes anyway."""
+    calls = []
+
+    def set_wakeup_fd(fd, **kwargs):
+        calls.append((fd, kwargs))
+        return 7 if len(calls) == 1 else -1
+
+    monkeypatch.setattr(server_tap.signal, "set_wakeup_fd", set_wakeup_fd)
+    server_tap._drop_signals_a_full_wakeup_pipe_holds()
+    assert calls == [(-1, {}), (7, {"warn_on_full_buffer": False})]
 
 
 def test_relay_service_tree_runs_the_watcher(state, no_listen_server_tap):
