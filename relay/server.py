@@ -213,7 +213,10 @@ class RelayTunnel(Tunnel):
         try:
             found, failure = self._authenticate(message)
         except StateError as e:
-            self.log.error("tunnel {peer}: cannot check its credential: {why}", peer=self.peer, why=str(e))
+            # Before hello: a stranger can make this line, as often as it connects.
+            self._stranger_log(
+                self.relay.throttled.warn, "credentials", "tunnel {peer}: cannot check its credential: {why}", peer=self.peer, why=str(e)
+            )
             self.close(ErrorCode.INTERNAL_ERROR, "the relay cannot check credentials now; try again later")
             return
         if found is None:

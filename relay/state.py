@@ -452,6 +452,7 @@ class State:
                 f"state dir {path} is incomplete (no {', '.join(missing)}); {init_hint} to complete it"
             )
         self._agents_stamp: tuple[int, ...] | None = None
+        self._agents_read = False  # agents.json has been read: its disappearance is an error
         self._agents: dict[str, _Record] = {}
         # Bumped whenever agents.json is (re-)read with other contents: the relay's
         # revocation watcher compares it, however the re-read was triggered.
@@ -660,13 +661,19 @@ class State:
         try:
             st = os.stat(self._agents_path)
         except FileNotFoundError:
-            if self._agents_stamp is not None or self._agents:
-                self.generation += 1
-            self._agents_stamp, self._agents = None, {}
+            if self._agents_read:
+                # It was there: a deletion (or the state dir moved away) is not how agents
+                # are revoked, and taken as an empty table it cut every tunnel without a
+                # word. Treated like an unreadable file: keep what we have, and say so.
+                raise StateError(
+                    f"{self._agents_path} has disappeared; restore it, or revoke agents with "
+                    "`relay agent-revoke`"
+                ) from None
+            self._agents = {}
             return self._agents
         except OSError as exc:
             raise StateError(
-                f"cannot read {self._agents_path} ({exc}); check its permissions"
+                f"cannot read {self._agents_path} ({exc.strerror or exc}); check it and its permissions"
             ) from exc
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if stamp != self._agents_stamp:
@@ -674,6 +681,7 @@ class State:
             if agents != self._agents:
                 self.generation += 1
             self._agents, self._agents_stamp = agents, stamp
+            self._agents_read = True
         return self._agents
 
 
@@ -717,9 +725,12 @@ def _read_agents(path: Path) -> dict[str, _Record]:
             except ValueError as exc:
                 raise ValueError(f"bad entry for agent {name!r}: {exc}") from None
             table[name] = _Record(agent, secret, cert)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        # Not the file's fault (permissions, no descriptors left): nothing to delete.
+        raise StateError(f"cannot read {path} ({exc.strerror or exc}); check it and its permissions") from exc
+    except ValueError as exc:
         raise StateError(
-            f"{path} is unreadable or malformed ({exc}); fix it, or delete it and issue "
+            f"{path} is malformed ({exc}); fix it, or delete it and issue "
             "new credentials with `relay agent-token` or `relay agent-cert`"
         ) from exc
     return table

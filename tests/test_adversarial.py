@@ -953,6 +953,22 @@ def test_silent_strangers_are_logged_once_per_address_and_capped(world, state, l
     assert_flows(world, good)
 
 
+def test_strangers_saying_hello_while_agents_json_is_broken_are_logged_like_failures(world, state, logs):
+    """Every hello needs agents.json; while it is broken, a stranger's hello logged an error
+    line each time."""
+    from relay.logs import GROUP_LINES
+
+    good = healthy(world, state)
+    state.agents_path.write_text("{half written")
+    for i in range(GROUP_LINES + 5):
+        for _ in range(3):
+            world.agent("x.y", {8080: Target("127.0.0.1", 80)}, peer_host=f"203.0.113.{i}").flush()
+    lines = [line for line in matching(logs, "cannot check its credential") if line.startswith("tunnel 203.0.113.")]
+    assert [line.split(":")[0] for line in lines] == [f"tunnel 203.0.113.{i}" for i in range(GROUP_LINES)]
+    assert world.relay.tunnels.keys() == {"good"}
+    assert_flows(world, good)
+
+
 def test_an_authenticated_agents_protocol_error_is_always_logged(world, state, logs):
     """The limit is for strangers: an agent with a credential is named in every line."""
     for _ in range(3):

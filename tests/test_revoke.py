@@ -238,6 +238,34 @@ def test_broken_agents_json_keeps_tunnels_and_logs_once(world, state, tmp_path):
         globalLogPublisher.removeObserver(observe)
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["poll", "sighup"])
+def test_a_deleted_agents_json_keeps_the_tunnels_and_says_so(world, state, logs, forced):
+    """Deleting the file is not how agents are revoked: taken as an empty table, it cut
+    every tunnel, each logged as revoked, and the missing file was never mentioned."""
+    a1 = up(world, state, A1, name="a1", ports="8080")
+    client, client_sock, target, target_sock = stream(world, a1)
+    a2 = token(state, "a2", "9000")
+    saved = state.agents_path.read_bytes()
+    state.agents_path.unlink()
+    for _ in range(2):
+        if forced:
+            world.relay.check_credentials(force=True)
+        poll(world, a1)
+    assert a1.tunnel.connected_tunnel and 8080 in world.relay.public
+    missing = [line for line in logs if "has disappeared" in line]
+    assert len(missing) == 1 and "keeping the tunnels as they are" in missing[0]
+    assert not [line for line in logs if "revoked or replaced" in line]
+    client.dataReceived(b"still here")
+    a1.flush()
+    assert target_sock.value() == b"still here"
+    newcomer = world.agent(a2, {9000: Target("127.0.0.1", 80)})
+    newcomer.flush()
+    assert not newcomer.tunnel.connected_tunnel  # refused until the file is back
+    state.agents_path.write_bytes(saved)
+    poll(world, a1)
+    assert a1.tunnel.connected_tunnel
+
+
 def test_sighup_schedules_a_forced_check_on_the_reactor(state):
     calls = []
     checks = []

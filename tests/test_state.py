@@ -436,10 +436,20 @@ def test_running_relay_sees_new_and_rotated_tokens_without_restart(state_dir):
     assert relay.authenticate(second) == Agent("web", None)
 
 
-def test_unreadable_agents_json_is_a_state_error(state_dir):
+def test_malformed_agents_json_is_a_state_error(state_dir):
     (state_dir / "agents.json").write_text('{"agents": {"web": {"secret_sha256": "nope"}}}')
-    with pytest.raises(StateError, match="agents.json is unreadable or malformed"):
+    with pytest.raises(StateError, match="agents.json is malformed"):
         State(state_dir).agents()
+
+
+def test_an_agents_json_that_cannot_be_read_is_not_called_malformed(state_dir):
+    """A read that fails (permissions, no descriptors left) is no reason to delete the file,
+    which the advice for a malformed one says: that would revoke every agent."""
+    (state_dir / "agents.json").mkdir()  # as root, a directory is what cannot be read
+    with pytest.raises(StateError) as raised:
+        State(state_dir).agents()
+    assert "cannot read" in str(raised.value) and "agents.json" in str(raised.value)
+    assert "delete" not in str(raised.value) and "malformed" not in str(raised.value)
 
 
 def test_secret_never_in_exceptions_or_repr(state_dir):
