@@ -159,6 +159,11 @@ def _env(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
 
 
 def _no_proxy_matches(no_proxy: str, host: str) -> bool:
+    # As curl's Curl_check_noproxy: "*" turns the proxy off only as the whole value, and
+    # an entry is a bare name, address or CIDR block: one with a port, or an address in
+    # brackets, matches nothing (curl compares it whole).
+    if no_proxy == "*":
+        return True
     host = host.strip("[]").rstrip(".").lower()
     try:
         address = ipaddress.ip_address(host)
@@ -167,12 +172,6 @@ def _no_proxy_matches(no_proxy: str, host: str) -> bool:
     for entry in re.split(r"[,\s]+", no_proxy.strip()):
         if not entry:
             continue
-        if entry == "*":
-            return True
-        if entry.startswith("["):  # [v6]:port or [v6]
-            entry = entry[1:].partition("]")[0]
-        elif entry.count(":") == 1:  # name:port or v4:port; curl ignores the port
-            entry = entry.partition(":")[0]
         entry = entry.rstrip(".").lower()
         if address is not None:
             try:
@@ -192,13 +191,14 @@ def proxy_from_environment(
 ) -> ProxyURL | None:
     """The proxy curl would use for https://target_host:target_port, or None.
 
-    target_port does not change the answer (curl ignores ports in NO_PROXY); it is
+    target_port does not change the answer (curl's NO_PROXY has no ports); it is
     taken so that callers describe the whole destination. ValueError names the
     variable whose value is not a usable proxy URL.
     """
     env = os.environ if env is None else env
     no_proxy = _env(env, "no_proxy")
-    if no_proxy is not None and _no_proxy_matches(no_proxy[1], target_host):
+    # The value as set, not stripped: curl's "*" is the whole value or nothing.
+    if no_proxy is not None and _no_proxy_matches(env[no_proxy[0]], target_host):
         return None
     found = _env(env, "https_proxy") or _env(env, "all_proxy")
     if found is None:

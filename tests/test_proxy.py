@@ -148,7 +148,10 @@ def test_proxy_url_never_shows_credentials() -> None:
         ({"HTTPS_PROXY": "proxy.corp:3128"}, RELAY, "http://proxy.corp:3128"),
         # NO_PROXY
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "*"}, RELAY, None),
-        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "other, *"}, RELAY, None),
+        # "*" is the whole value or nothing, as in curl: in a list, or with blanks, it
+        # matches no host.
+        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "other, *"}, RELAY, "socks5://b:2"),
+        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": " * "}, RELAY, "socks5://b:2"),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": RELAY}, RELAY, None),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "RELAY.Example.COM"}, RELAY, None),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "example.com"}, RELAY, None),
@@ -157,7 +160,8 @@ def test_proxy_url_never_shows_credentials() -> None:
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "ample.com"}, RELAY, "socks5://b:2"),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "relay.example"}, RELAY, "socks5://b:2"),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "a.relay.example.com"}, RELAY, "socks5://b:2"),
-        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "x.org, example.com:443"}, RELAY, None),
+        # curl compares an entry whole: one with a port never matches.
+        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "x.org, example.com:443"}, RELAY, "socks5://b:2"),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "x.org example.com"}, RELAY, None),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "example.com."}, RELAY + ".", None),
         (
@@ -171,9 +175,10 @@ def test_proxy_url_never_shows_credentials() -> None:
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "1.2.3"}, "10.1.2.3", "socks5://b:2"),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "10.0.0.0/8"}, "10.1.2.3", None),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "10.0.0.0/16"}, "10.1.2.3", "socks5://b:2"),
-        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "10.1.2.3:7835"}, "10.1.2.3", None),
+        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "10.1.2.3:7835"}, "10.1.2.3", "socks5://b:2"),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "::1"}, "::1", None),
-        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "[::1]:7835"}, "::1", None),
+        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "[::1]:7835"}, "::1", "socks5://b:2"),
+        ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "[::1]"}, "::1", "socks5://b:2"),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "2001:db8::/32"}, "2001:db8::5", None),
         ({"ALL_PROXY": "socks5://b:2", "NO_PROXY": "2001:db8::/32"}, "2001:db9::5", "socks5://b:2"),
         # A name never matches an IP literal, and the reverse: curl does not resolve.
