@@ -69,6 +69,25 @@ class AgentTunnel(Tunnel):
         self._retry_timers: dict[int, object] = {}
         self._retry_attempts: dict[int, int] = {}
         self.lost = defer.Deferred()
+        self._welcome_timer = None
+        self.timed_out = False  # we gave up waiting for the TLS handshake and the welcome
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # --connect-timeout covers the whole way to a working tunnel: a relay (or something
+        # posing as one) that accepts the connection and never answers was otherwise left
+        # to the dead-tunnel check, 45 s per attempt at the defaults.
+        self._welcome_timer = self.reactor.callLater(self.agent.settings.connect_timeout, self._not_welcomed)
+
+    def _not_welcomed(self) -> None:
+        self._welcome_timer = None
+        self.timed_out = True
+        self.log.warn(
+            "the relay {relay} did not complete the TLS handshake and accept this agent within {t:.0f} s; closing",
+            relay=self.agent.relay_name,
+            t=self.agent.settings.connect_timeout,
+        )
+        self.transport.abortConnection()
 
     def tunnel_ready(self) -> None:
         ports = sorted(self.agent.settings.expose)
@@ -78,6 +97,9 @@ class AgentTunnel(Tunnel):
         kind = message.get("type")
         if kind == "welcome":
             self.welcomed = True
+            if self._welcome_timer is not None and self._welcome_timer.active():
+                self._welcome_timer.cancel()
+            self._welcome_timer = None
             self.log.info("tunnel to the relay is up (agent {agent})", agent=message.get("agent"))
             self.agent.tunnel_up(self)
         elif kind in ("listen_ok", "listen_fail") and type(message.get("port")) is not int:
@@ -160,6 +182,8 @@ class AgentTunnel(Tunnel):
         self.agent.go_away_received(code, reason)
 
     def connectionLost(self, reason=None) -> None:
+        if self._welcome_timer is not None and self._welcome_timer.active():
+            self._welcome_timer.cancel()
         for stream in list(self.streams.values()):
             self.stream_was_reset(stream, ErrorCode.NORMAL, False)
         for timer in self._retry_timers.values():
@@ -267,6 +291,8 @@ class AgentService(service.Service):
         if tunnel.welcomed:
             why = reason.getErrorMessage() if reason is not None else "closed"
             self.log.warn("tunnel to the relay lost: {why}", why=why)
+        elif tunnel.timed_out:
+            pass  # said when it gave up (_not_welcomed)
         elif reason is not None and reason.check(*_tls_refusals()):
             # Our own TLS verification ended it: the relay was never trusted, nothing was sent.
             self.log.warn("cannot connect to the relay {relay}: {why}", relay=self.relay_name, why=describe_failure(reason))
@@ -295,6 +321,11 @@ class AgentService(service.Service):
             self._connecting.cancel()
         tunnel = self.tunnel
         if tunnel is None or not tunnel.connected_tunnel:
+            return None
+        if not tunnel.welcomed:
+            # No session to say GOAWAY on (TLS may not even be up): waiting CLOSE_GRACE for
+            # a close that cannot come only delayed the exit by 5 s.
+            tunnel.transport.abortConnection()
             return None
         done = defer.Deferred()
         tunnel.lost.addBoth(lambda _: done.callback(None))

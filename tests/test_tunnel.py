@@ -546,6 +546,51 @@ def test_dead_tunnel_is_noticed_at_dead_timeout_not_a_heartbeat_later(world, sta
     assert agent.tunnel.transport.disconnecting
 
 
+def silent_relay(world, state, connect_timeout=3.0):
+    """An agent connected to something that accepts the TCP connection and never answers."""
+    from twisted.internet.protocol import Factory
+
+    from relay.agent import AgentService, AgentSettings, AgentTunnel
+    from relay.tlswire import TunnelTLSFactory
+
+    settings = AgentSettings(token=token(state, "a1"), expose={8080: Target("127.0.0.1", 80)}, connect_timeout=connect_timeout)
+    service = AgentService(world.clock, None, settings, relay_name="localhost:7835")
+    creator = client_options_for_ca("localhost", state.ca_cert_path)
+    client = TunnelTLSFactory(creator, True, Factory.forProtocol(lambda: AgentTunnel(service)), clock=world.clock).buildProtocol(None)
+    transport = iosim.FakeTransport(client, True)
+    client.makeConnection(transport)
+    return service, client.wrappedProtocol, transport
+
+
+def test_the_agent_gives_up_on_a_relay_that_never_answers_after_its_connect_timeout(world, state, logs):
+    """--connect-timeout covers the TLS handshake and the welcome, not only TCP: a silent
+    peer used to hold each attempt until the dead-tunnel check (45 s at the defaults)."""
+    service, tunnel, transport = silent_relay(world, state, connect_timeout=3.0)
+    world.clock.advance(2.9)
+    assert not transport.disconnecting
+    world.clock.advance(0.2)
+    assert transport.disconnecting and tunnel.timed_out
+    assert [line for line in logs if "did not complete the TLS handshake and accept this agent within 3 s" in line]
+
+
+def test_a_welcomed_tunnel_outlives_the_connect_timeout(world, state):
+    agent = up(world, state)
+    assert agent.tunnel.welcomed
+    world.clock.advance(30)
+    agent.flush()
+    assert agent.tunnel.connected_tunnel and not agent.tunnel.timed_out
+
+
+def test_stopping_the_agent_before_the_relay_answered_does_not_wait_for_a_goodbye(world, state):
+    """No session to say GOAWAY on: the connection is dropped at once, not after the 5 s
+    close grace."""
+    service, tunnel, transport = silent_relay(world, state)
+    service.running = True
+    service.tunnel = tunnel
+    assert service.stopService() is None
+    assert transport.disconnecting
+
+
 def test_handshake_timeout_closes_a_silent_connection(world):
     server = world.server_tls.buildProtocol(None)
     transport = iosim.FakeTransport(server, True)
