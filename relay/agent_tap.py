@@ -88,6 +88,14 @@ class Options(usage.Options):
             self["proxy-url"] = parse_proxy_url(self["proxy"]) if self["proxy"] else None
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        self["env-proxy-url"] = None
+        if self["proxy-url"] is None and not self["no-proxy"]:
+            # Read here, not in makeService: twistd prints a usage error as one line, and
+            # one raised while it builds the service as a traceback.
+            try:
+                self["env-proxy-url"] = proxy_from_environment(*self["relay-address"])
+            except ValueError as e:
+                raise usage.UsageError(f"{e} (or run with --no-proxy)") from None
         if on_argv["proxy"] and self["proxy-url"].password:
             log.warn(
                 "the proxy password was given on the command line, where other local users can "
@@ -141,6 +149,12 @@ def read_token(token: str | None, token_file: str | None, env, on_argv: bool = T
             value = path.read_text().strip()
         except OSError as e:
             raise usage.UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise usage.UsageError(
+                f"--token-file {token_file} is not text; it should hold the one line `relay agent-token` printed"
+            ) from None
+        if not value:
+            raise usage.UsageError(f"--token-file {token_file} is empty; put the line `relay agent-token` printed in it")
         if path.stat().st_mode & 0o077:
             log.warn("token file {file} is readable by other users; chmod 600 it", file=token_file)
     elif token:
@@ -169,12 +183,7 @@ def makeService(config: Options):  # noqa: N802 (twistd's name)
             creator = client_options_for_system_trust(host, client_certificate)
     except TLSConfigError as e:
         raise usage.UsageError(str(e)) from None
-    proxy = config["proxy-url"]
-    if proxy is None and not config["no-proxy"]:
-        try:
-            proxy = proxy_from_environment(host, port)
-        except ValueError as e:
-            raise usage.UsageError(f"{e} (or run with --no-proxy)") from None
+    proxy = config["proxy-url"] or config["env-proxy-url"]
     timeout = config["connect-timeout"]
     if proxy is not None:
         log.info("reaching the relay through the proxy {proxy}", proxy=str(proxy))

@@ -440,6 +440,8 @@ class _HandshakeProtocol(Protocol):
 
 
 class _HandshakeFactory(Factory):
+    noisy = False  # one per connection attempt: our own lines say where it went
+
     def __init__(self, attempt: _Attempt) -> None:
         self._attempt = attempt
 

@@ -46,3 +46,42 @@ def test_token_on_argv_is_warned(logs):
     assert options("--token", "a1.secret")["token-value"] == "a1.secret"
     assert warned(logs, "token")
     assert not any("a1.secret" in line for line in logs)
+
+
+# --- what stops startup, as a usage error (one line from twistd), before anything runs ---
+
+
+def test_a_bad_proxy_url_in_the_environment_is_a_usage_error(tmp_path, monkeypatch, logs):
+    """It was read in makeService, where twistd prints a usage error as a traceback."""
+    import pytest
+    from twisted.python import usage
+
+    monkeypatch.setenv("https_proxy", "ftp://alice:hunter2@127.0.0.1:1")
+    with pytest.raises(usage.UsageError) as raised:
+        options("--token-file", str(token_file(tmp_path)))
+    message = str(raised.value)
+    assert message.startswith("$https_proxy: ") and message.endswith("(or run with --no-proxy)")
+    assert "hunter2" not in message
+    parsed = options("--token-file", str(token_file(tmp_path)), "--no-proxy")
+    assert parsed["env-proxy-url"] is None
+
+
+def test_the_proxy_from_the_environment_is_read_with_the_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert str(options("--token-file", str(token_file(tmp_path)))["env-proxy-url"]) == "http://proxy.example:3128"
+    monkeypatch.setenv("NO_PROXY", "relay.example.com")
+    assert options("--token-file", str(token_file(tmp_path)))["env-proxy-url"] is None
+
+
+def test_an_empty_or_binary_token_file_says_what_is_wrong_with_it(tmp_path):
+    import pytest
+    from twisted.python import usage
+
+    path = tmp_path / "agent.token"
+    path.write_text("\n")
+    path.chmod(0o600)
+    with pytest.raises(usage.UsageError, match=rf"^--token-file {path} is empty; "):
+        options("--token-file", str(path))
+    path.write_bytes(b"\x00\xff\n")
+    with pytest.raises(usage.UsageError, match=rf"^--token-file {path} is not text; "):
+        options("--token-file", str(path))

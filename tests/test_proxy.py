@@ -1071,3 +1071,14 @@ def test_real_tls_through_proxy(pproxy):
         yield within_deadline(app.on_lost)
     finally:
         yield listening.stopListening()
+
+
+def test_a_proxied_connection_attempt_logs_no_factory_lines(logs):
+    """Twisted logs 'Starting factory' and 'Stopping factory' for a noisy factory: one pair
+    per attempt through the proxy, at info level, in the agent's log."""
+    from relay.proxy import _HandshakeFactory
+
+    factory = _HandshakeFactory(None)
+    factory.doStart()
+    factory.doStop()
+    assert not [line for line in logs if "factory" in line.lower()]
