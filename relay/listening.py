@@ -14,6 +14,7 @@ import socket
 from twisted.internet import error
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
 
 BACKLOG = 50  # what reactor.listenTCP uses, so both ways queue the same
 
@@ -39,3 +40,14 @@ def listen_public(reactor, port: int, factory, interface: str = "", reuse_port: 
         sock.setblocking(False)
         # The reactor listens on its own duplicate of the descriptor; ours closes on return.
         return reactor.adoptStreamPort(sock.fileno(), family, factory)
+
+
+def quiet_accept_errors(port, observer) -> None:
+    """Send what Twisted's accept loop on `port` logs to `observer` (the relay's limited
+    log) instead of the global log. Out of descriptors, that loop closes every client that
+    is waiting and logs three lines for each (EMFILE), so a stranger that keeps connecting
+    wrote three lines a connection. tcp.Port reads its logger from the instance at every
+    accept; a port that has none (a test's) is left as it is."""
+    logger = getattr(port, "_logger", None)
+    if isinstance(logger, Logger):
+        port._logger = Logger(namespace=logger.namespace, observer=observer)

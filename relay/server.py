@@ -9,11 +9,11 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application import service
 from twisted.internet import defer, error, task
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 
 from . import defaults
 from .access import OPEN, Gate, PortPolicy
-from .listening import listen_public
+from .listening import listen_public, quiet_accept_errors
 from .logs import ThrottledLog
 from .protocol import ErrorCode, Role, StreamLimitError
 from .state import CERTIFICATE, Agent, Credential, State, StateError
@@ -501,11 +501,17 @@ class Relay(service.Service):
             factory.listening = listen_public(
                 self.reactor, port, factory, self.settings.public_interface, self.settings.reuse_port
             )
+            quiet_accept_errors(factory.listening, self._accept_log)
         except error.CannotListenError as e:
             return f"the relay cannot listen on port {port}: {e.socketError}"
         self.public[port] = factory
         self.log.info("agent {agent}: listening on public port {port}", agent=agent.name, port=port)
         return None
+
+    def _accept_log(self, event: dict) -> None:
+        """What Twisted's accept loop on a public port logs: out of descriptors (EMFILE), it
+        closes each waiting client with three info lines, and anyone can connect."""
+        self.throttled.warn(f"accept:{event.get('log_format')}", "public ports: {what}", what=formatEvent(event))
 
     def _held_alone(self, agent: Agent, port: int) -> str | None:
         """With --reuse-port, why `agent` may not have `port`, if it may not. The relay processes

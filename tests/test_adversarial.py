@@ -969,6 +969,32 @@ def test_strangers_saying_hello_while_agents_json_is_broken_are_logged_like_fail
     assert_flows(world, good)
 
 
+def test_twisteds_accept_errors_on_a_public_port_are_limited(world, state, logs):
+    """Out of descriptors, Twisted's accept loop closes each waiting client and logs three
+    lines for it (EMFILE): a stranger that kept connecting wrote three lines a connection.
+    The loop's logger, read from the port as tcp.Port.doRead does, is the relay's limited
+    log."""
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Factory
+
+    from relay.listening import quiet_accept_errors
+
+    port = tcp.Port(0, Factory(), interface="127.0.0.1", reactor=world.clock)  # never started
+    quiet_accept_errors(port, world.relay._accept_log)
+    for i in range(30):
+        with tcp._BuffersLogs(port._logger.namespace, port._logger.observer) as log:  # as in doRead
+            log.info("EMFILE encountered; releasing reserved file descriptor.")
+            log.info("EMFILE recovery: Closed socket from {address}", address=("203.0.113.7", 40000 + i))
+            log.info("Re-reserving EMFILE recovery file descriptor.")
+    accept_lines = [line for line in logs if "EMFILE" in line]
+    assert len(accept_lines) == 3
+    assert all(line.startswith("public ports: ") for line in accept_lines)
+    world.clock.advance(10)
+    with tcp._BuffersLogs(port._logger.namespace, port._logger.observer) as log:
+        log.info("EMFILE encountered; releasing reserved file descriptor.")
+    assert [line for line in logs if "EMFILE" in line][-1].endswith("(29 more like this in the last 10 s)")
+
+
 def test_an_authenticated_agents_protocol_error_is_always_logged(world, state, logs):
     """The limit is for strangers: an agent with a credential is named in every line."""
     for _ in range(3):
