@@ -79,6 +79,11 @@ class AgentTunnel(Tunnel):
         # to the dead-tunnel check, 45 s per attempt at the defaults.
         self._welcome_timer = self.reactor.callLater(self.agent.settings.connect_timeout, self._not_welcomed)
 
+    def _stop_waiting_for_welcome(self) -> None:
+        if self._welcome_timer is not None and self._welcome_timer.active():
+            self._welcome_timer.cancel()
+        self._welcome_timer = None
+
     def _not_welcomed(self) -> None:
         self._welcome_timer = None
         self.timed_out = True
@@ -97,9 +102,7 @@ class AgentTunnel(Tunnel):
         kind = message.get("type")
         if kind == "welcome":
             self.welcomed = True
-            if self._welcome_timer is not None and self._welcome_timer.active():
-                self._welcome_timer.cancel()
-            self._welcome_timer = None
+            self._stop_waiting_for_welcome()
             self.log.info("tunnel to the relay is up (agent {agent})", agent=message.get("agent"))
             self.agent.tunnel_up(self)
         elif kind in ("listen_ok", "listen_fail") and type(message.get("port")) is not int:
@@ -179,11 +182,11 @@ class AgentTunnel(Tunnel):
             connecting.cancel()
 
     def go_away_received(self, code: int, reason: str) -> None:
+        self._stop_waiting_for_welcome()  # the relay answered: its GOAWAY says why, and it closes
         self.agent.go_away_received(code, reason)
 
     def connectionLost(self, reason=None) -> None:
-        if self._welcome_timer is not None and self._welcome_timer.active():
-            self._welcome_timer.cancel()
+        self._stop_waiting_for_welcome()
         for stream in list(self.streams.values()):
             self.stream_was_reset(stream, ErrorCode.NORMAL, False)
         for timer in self._retry_timers.values():

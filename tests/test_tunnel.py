@@ -581,6 +581,18 @@ def test_a_welcomed_tunnel_outlives_the_connect_timeout(world, state):
     assert agent.tunnel.connected_tunnel and not agent.tunnel.timed_out
 
 
+def test_a_relay_that_refuses_the_agent_is_not_reported_as_silent(world, state, logs):
+    """A GOAWAY before the welcome (a bad token) is the relay's answer: the agent logs what
+    the relay said, never that the relay did not answer."""
+    agent = world.agent("a1.wrong", {8080: Target("127.0.0.1", 80)})
+    agent.flush()
+    assert not agent.tunnel.welcomed and agent.tunnel._welcome_timer is None
+    world.clock.advance(30)
+    agent.flush()
+    assert not [line for line in logs if "did not complete the TLS handshake" in line]
+    assert not agent.tunnel.timed_out
+
+
 def test_stopping_the_agent_before_the_relay_answered_does_not_wait_for_a_goodbye(world, state):
     """No session to say GOAWAY on: the connection is dropped at once, not after the 5 s
     close grace."""
