@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from . import defaults
-from .dial import AddressEndpoint
+from .dial import AddressEndpoint, NameEndpoint
 from .protocol import ErrorCode, Role, StreamOpened
 from .tunnel import Stream, Tunnel, TunnelSettings
 
@@ -242,14 +241,13 @@ class AgentService(service.Service):
 
     def _new_target_endpoint(self, target: Target):
         timeout = self.settings.connect_timeout
-        # An address needs no resolving: HostnameEndpoint would still send it through
-        # getaddrinfo on the thread pool (10 threads) and a LoopingCall for every stream,
-        # which capped new connections per second.
+        # An address needs no resolving: a name goes through getaddrinfo on the thread pool
+        # (10 threads) for every stream, which capped new connections per second.
         if isIPAddress(target.host):
             return AddressEndpoint(self.reactor, target.host, target.port, timeout, socket.AF_INET)
         if isIPv6Address(target.host):
             return AddressEndpoint(self.reactor, target.host, target.port, timeout, socket.AF_INET6)
-        return HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
+        return NameEndpoint(self.reactor, target.host, target.port, timeout)
 
     def _connect(self) -> None:
         self._retry = None

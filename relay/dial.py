@@ -15,7 +15,9 @@ import os
 import socket
 
 from twisted.internet import defer, error, tcp
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
@@ -138,3 +140,120 @@ class _Pending:
     def _cancel(self, _deferred) -> None:
         self._stop()
         self.sock.close()  # the Deferred then fails with CancelledError
+
+
+# RFC 8305's connection attempt delay: how long one address has before the next one starts
+# beside it.
+ATTEMPT_DELAY = 0.25
+
+
+@implementer(IStreamClientEndpoint)
+class NameEndpoint:
+    """A target given by name: resolved for every stream (its addresses may change), then
+    dialled address by address as RFC 8305 has it. The next address starts at once when
+    one fails (refused, unreachable), or after ATTEMPT_DELAY while one is still under way;
+    the first to connect wins and the others are cancelled.
+
+    Twisted's HostnameEndpoint waits its attempt delay (0.3 s) even after a failure, so a
+    name such as localhost, whose first address (::1) refuses when the service listens on
+    IPv4 only, cost every stream 0.3 s."""
+
+    def __init__(self, reactor, host: str, port: int, timeout: float, dial=AddressEndpoint) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._dial = dial  # one address's endpoint (tests give their own)
+
+    def connect(self, factory) -> defer.Deferred:
+        return _NameDial(self, factory).deferred
+
+    def address_endpoint(self, address):
+        host = address.host
+        if isinstance(address, IPv6Address):
+            if address.scopeID and "%" not in host:
+                host = f"{host}%{address.scopeID}"  # a link-local address keeps its interface
+            return self._dial(self.reactor, host, address.port, self.timeout, socket.AF_INET6)
+        return self._dial(self.reactor, host, address.port, self.timeout, socket.AF_INET)
+
+
+@implementer(IResolutionReceiver)
+class _NameDial:
+    """One connect of a NameEndpoint: the resolution, then the attempts."""
+
+    def __init__(self, endpoint: NameEndpoint, factory) -> None:
+        self.endpoint = endpoint
+        self.reactor = endpoint.reactor
+        self.factory = factory
+        self.addresses: list = []
+        self.attempts: list[defer.Deferred] = []
+        self.failures: list[Failure] = []
+        self.timer = None
+        self.done = False
+        self.deferred = defer.Deferred(self._cancel)
+        self.reactor.nameResolver.resolveHostName(self, endpoint.host, endpoint.port)
+
+    # IResolutionReceiver: called by the resolver, in the reactor's thread
+
+    def resolutionBegan(self, resolution) -> None:  # noqa: N802 (Twisted's name)
+        pass
+
+    def addressResolved(self, address) -> None:  # noqa: N802 (Twisted's name)
+        if isinstance(address, IPv4Address | IPv6Address):
+            self.addresses.append(address)
+
+    def resolutionComplete(self) -> None:  # noqa: N802 (Twisted's name)
+        if self.done:
+            return  # cancelled while resolving
+        if not self.addresses:
+            self._finish(Failure(error.DNSLookupError(f"no results for hostname lookup: {self.endpoint.host}")))
+            return
+        self._next()
+
+    # the attempts
+
+    def _next(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.done:
+            return
+        if not self.addresses:
+            if not self.attempts:
+                self._finish(self.failures[-1])
+            return  # the last attempts are still under way
+        attempt = self.endpoint.address_endpoint(self.addresses.pop(0)).connect(self.factory)
+        self.attempts.append(attempt)
+        # On loopback and near hosts it has often succeeded or failed already, and these run now.
+        attempt.addCallbacks(self._won, self._failed, callbackArgs=(attempt,), errbackArgs=(attempt,))
+        if not self.done and attempt in self.attempts and self.addresses:
+            self.timer = self.reactor.callLater(ATTEMPT_DELAY, self._next)
+
+    def _won(self, protocol, attempt) -> None:
+        self.attempts.remove(attempt)
+        self._finish(protocol)
+
+    def _failed(self, failure: Failure, attempt) -> None:
+        self.attempts.remove(attempt)
+        if self.done:
+            return  # cancelled by us: the winner, or the caller, decided
+        self.failures.append(failure)
+        self._next()
+
+    def _finish(self, result) -> None:
+        self._stop()
+        if isinstance(result, Failure):
+            self.deferred.errback(result)
+        else:
+            self.deferred.callback(result)
+
+    def _stop(self) -> None:
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        for attempt in list(self.attempts):
+            attempt.cancel()
+
+    def _cancel(self, _deferred) -> None:
+        self._stop()  # the Deferred then fails with CancelledError
