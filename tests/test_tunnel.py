@@ -3,6 +3,7 @@ fake sockets for public clients and targets. No sockets, no sleeps."""
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import pytest
@@ -848,3 +849,26 @@ def test_open_the_agent_never_answers_is_reset_and_frees_its_slot(world, state):
     client.dataReceived(b"still works")
     agent.flush()
     assert target_sock.value() == b"still works"
+
+
+def test_tunnel_reads_leave_no_reference_cycles(world, state):
+    # Each TLS read of the tunnel ends in WANT_READ. pyOpenSSL raises it; kept with its
+    # traceback, it held every frame up the stack, and with them the read and its
+    # decrypt buffer, in a cycle only the garbage collector freed (relay/tlswire.py).
+    agent = up(world, state)
+    client, _, target, target_sock = stream(world, agent)
+    data = bytes(range(256)) * 256
+    client.dataReceived(data)
+    agent.flush()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            client.dataReceived(data)
+            target.dataReceived(b"ack")
+            agent.flush()
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert target_sock.value() == data * 21
+    assert garbage == 0
