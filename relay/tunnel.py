@@ -314,7 +314,12 @@ class Tunnel(Protocol):
         self._backlog_while_paused = 0
         self._flush_call = None
         self._broken = False  # a protocol error: nothing the peer sends is read any more
-        self.throttled = ThrottledLog(self.log, reactor.seconds)  # what a peer can repeat at will
+        # What a peer can repeat at will. The class's Logger, not self.log: Logger is a
+        # descriptor, and the one it makes for an instance names the instance as its log
+        # source; kept here, it made every tunnel a reference cycle (tunnel -> throttled ->
+        # Logger -> tunnel), so that every connection to the tunnel port, a stranger's that
+        # never gets past TCP too, was freed only by the garbage collector.
+        self.throttled = ThrottledLog(type(self).log, reactor.seconds)
 
     # connection life
 

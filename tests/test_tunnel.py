@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from relay import defaults, tlswire
-from relay.agent import Target
+from relay.agent import AgentTunnel, Target
 from relay.protocol import ErrorCode
 from relay.protocol.frames import HEADER, FrameDecoder, GoAway, encode_data
 from relay.server import RelaySettings
@@ -871,4 +871,23 @@ def test_tunnel_reads_leave_no_reference_cycles(world, state):
     finally:
         gc.enable()
     assert target_sock.value() == data * 21
+    assert garbage == 0
+
+
+def test_a_tunnel_is_freed_without_the_garbage_collector(world, state):
+    # Every connection to the tunnel port makes a RelayTunnel, a stranger's that never
+    # gets past TCP too, and every attempt of the agent an AgentTunnel. Their throttled
+    # log held a Logger bound to the tunnel itself (Logger is a descriptor whose
+    # instance-bound copy names the instance as its source): a reference cycle each, with
+    # the session and the TLS protocol in it, that only the garbage collector freed.
+    agent = up(world, state)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            world.relay.tunnel_factory().buildProtocol(None)
+            AgentTunnel(agent.service)
+        garbage = gc.collect()
+    finally:
+        gc.enable()
     assert garbage == 0
