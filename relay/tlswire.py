@@ -248,6 +248,15 @@ class TunnelTLSProtocol(TLSMemoryBIOProtocol):
         if not self._aborted:
             ProtocolWrapper.dataReceived(self, data)
 
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        # Twisted lets go of the wrapped protocol here but not of the producer it
+        # registered with us: the tunnel (through Twisted's _ProducerMembrane), whose
+        # transport we are. Every tunnel that ended without unregistering (aborted, dead,
+        # refused at connect, failed TLS: all but an orderly close()) stayed a reference
+        # cycle with its session and TLS state, freed only by the garbage collector.
+        self._producer = None
+
 
 class TunnelTLSFactory(TLSMemoryBIOFactory):
     protocol = TunnelTLSProtocol

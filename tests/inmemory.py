@@ -3,6 +3,8 @@ clock, with fake sockets for public clients and targets. No sockets, no sleeps."
 
 from __future__ import annotations
 
+import gc
+
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
@@ -144,3 +146,38 @@ def stream(world, agent, port=8080):
     target, target_sock = agent.targets.succeed()
     agent.flush()
     return client, client_sock, target, target_sock
+
+
+def garbage_left_by(run, times: int = 5) -> int:
+    """How many objects `times` calls of run() leave that only the garbage collector frees
+    (reference cycles), counted with the collector off. run() is called once before
+    (caches, first-time imports).
+
+    Everything the collector tracks before the calls is held meanwhile, so that only what
+    they made is counted: objects of earlier tests that something lets go of meanwhile
+    (Twisted's log buffer drops its oldest event for each new one) are not; nor are
+    zope.interface's weakly cached specs, each a cycle of its own, which Twisted's TLS makes
+    the same few of for every connection it wraps, and afresh after every collection.
+
+    And the events the calls logged are dropped from Twisted's start-up buffer before the
+    count (tests never begin logging, twistd does): an event names the instance that
+    logged it (log_source), and kept there, a tunnel in a cycle was not garbage yet."""
+    run()
+    alive = gc.get_objects()
+    gc.disable()
+    try:
+        for _ in range(times):
+            run()
+        _start_up_log_buffer().clear()
+        return gc.collect()
+    finally:
+        gc.enable()
+        del alive
+
+
+def _start_up_log_buffer():
+    """The events Twisted keeps until logging begins (a bounded deque), or an empty list."""
+    from twisted.logger import globalLogBeginner
+
+    buffer = getattr(getattr(globalLogBeginner, "_initialBuffer", None), "_buffer", None)
+    return buffer if buffer is not None else []

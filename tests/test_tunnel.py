@@ -21,7 +21,7 @@ from relay.state import State, init_state
 from relay.tls import PinnedClientOptions, client_options_for_ca
 from relay.tunnel import BULK_READ, STREAM_READ_SIZE, TunnelSettings
 
-from .inmemory import FakeSocket, World, stream, token, up
+from .inmemory import FakeSocket, World, garbage_left_by, stream, token, up
 
 
 @pytest.fixture
@@ -891,3 +891,43 @@ def test_a_tunnel_is_freed_without_the_garbage_collector(world, state):
     finally:
         gc.enable()
     assert garbage == 0
+
+
+STRANGER = IPv4Address("TCP", "203.0.113.9", 40000)
+
+
+def stranger(world, send=b"", wait=0.0):
+    """A connection to the tunnel port that never authenticates. It ends as tcp.Connection
+    ends one: the transport lets go of its producer, then the protocol is told."""
+    server = world.server_tls.buildProtocol(STRANGER)
+    sock = FakeSocket(STRANGER)
+    server.makeConnection(sock)
+    if send:
+        server.dataReceived(send)
+    if wait:
+        world.clock.advance(wait)
+    sock.producer = None
+    server.connectionLost(Failure(error.ConnectionAborted() if sock.aborted else error.ConnectionDone()))
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("send", "wait", "cap"),
+    [
+        (b"", 0.0, 8),
+        (b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n", 0.0, 8),
+        (b"", defaults.HANDSHAKE_TIMEOUT + 0.1, 8),
+        (b"", 0.0, 1),
+    ],
+    ids=["hangs-up", "not-tls", "silent-until-the-handshake-timeout", "over-the-per-source-cap"],
+)
+def test_what_strangers_connections_leave_is_freed_without_the_garbage_collector(state, send, wait, cap):
+    # Every tunnel registers itself as the producer of its TLS transport; Twisted's TLS
+    # protocol kept it after the connection was lost. A tunnel that ended without an
+    # orderly close() (refused, timed out, failed TLS, aborted, dead) stayed a reference
+    # cycle, at the rate strangers connect.
+    world = World(state, RelaySettings(tunnel_port=7835, max_unauthenticated_per_ip=cap))
+    waiting = world.server_tls.buildProtocol(STRANGER)  # one still handshaking, throughout
+    waiting.makeConnection(FakeSocket(STRANGER))
+    assert stranger(world, send, wait).aborted == (cap == 1 or wait > 0)
+    assert garbage_left_by(lambda: stranger(world, send, wait)) == 0
