@@ -549,7 +549,10 @@ class Relay(service.Service):
     def _unlisten(self, port: int, factory: PublicFactory) -> None:
         del self.public[port]
         factory.tunnel = None
-        factory.listening.stopListening()
+        # The port keeps its factory (tcp.Port.factory) after it stops: kept here too, the
+        # two were a reference cycle, every port an agent lets go of.
+        listening, factory.listening = factory.listening, None
+        listening.stopListening()
 
     # shutdown
 
@@ -560,6 +563,7 @@ class Relay(service.Service):
         stops = [defer.maybeDeferred(f.listening.stopListening) for f in self.public.values()]
         for factory in self.public.values():
             factory.tunnel = None
+            factory.listening = None  # as _unlisten
         self.public.clear()
         yield defer.DeferredList(stops)
         tunnels = list(self.tunnels.values())

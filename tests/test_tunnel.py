@@ -7,7 +7,7 @@ import gc
 import socket
 
 import pytest
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -931,3 +931,26 @@ def test_what_strangers_connections_leave_is_freed_without_the_garbage_collector
     waiting.makeConnection(FakeSocket(STRANGER))
     assert stranger(world, send, wait).aborted == (cap == 1 or wait > 0)
     assert garbage_left_by(lambda: stranger(world, send, wait)) == 0
+
+
+def test_public_ports_let_go_of_are_freed_without_the_garbage_collector(world, state, monkeypatch):
+    # A listening port keeps its factory (tcp.Port.factory), and the factory kept the port:
+    # every public port an agent let go of (it left, was revoked, or the relay drained) was
+    # a reference cycle.
+    class Port:  # as tcp.Port; MemoryReactor's keeps every factory in tcpServers instead
+        def __init__(self, factory):
+            self.factory = factory
+
+        def stopListening(self):
+            return defer.succeed(None)
+
+    monkeypatch.setattr(world.clock, "listenTCP", lambda port, factory, backlog=50, interface="": Port(factory))
+    agent = up(world, state, {8080: Target("127.0.0.1", 80), 9000: Target("127.0.0.1", 90)})
+    tunnel = agent.relay_tunnel
+
+    def listen_and_release():
+        assert world.relay.listen(tunnel, 8080) is None and world.relay.listen(tunnel, 9000) is None
+        world.relay.release_ports(tunnel)
+        assert world.relay.public == {}
+
+    assert garbage_left_by(listen_and_release) == 0
