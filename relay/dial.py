@@ -127,8 +127,13 @@ class _Pending:
 
     def _stop(self) -> None:
         self.reactor.removeWriter(self)
-        if self.timer.active():
-            self.timer.cancel()
+        # Dropped, not only cancelled: once the deadline has fired, the DelayedCall still
+        # holds its func, our _fail, and with it us, the socket and the factory (a
+        # TargetStream with the data that arrived before the connect, up to a window): a
+        # reference cycle for every target that timed out.
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _fail(self, reason: Exception) -> None:
         if self.deferred.called:

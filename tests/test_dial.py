@@ -18,6 +18,8 @@ from relay import dial
 from relay.agent import AgentService, AgentSettings, Target
 from relay.dial import AddressEndpoint
 
+from .inmemory import garbage_left_by
+
 ADDRESS = ("127.0.0.1", 5432)
 
 
@@ -313,3 +315,18 @@ def test_on_loopback_a_closed_port_is_refused():
         closed = s.getsockname()[1]
     with pytest.raises(error.ConnectionRefusedError):
         yield AddressEndpoint(reactor, "127.0.0.1", closed, 5.0).connect(Factory.forProtocol(Protocol))
+
+
+def test_a_connect_that_times_out_is_freed_without_the_garbage_collector(scripted):
+    # The fired deadline (a DelayedCall holding the attempt's own _fail) stayed with the
+    # attempt: a reference cycle with the factory in it, which for the agent is the stream
+    # and the data that arrived for it before the connect (up to a window).
+    reactor = MemoryReactorClock()
+
+    def time_out():
+        scripted(errno.EINPROGRESS, errno.EALREADY)
+        d, protocol, sock = connect(reactor, timeout=7.0)
+        reactor.advance(7.0)
+        assert result(d).check(error.TimeoutError) and sock.closed
+
+    assert garbage_left_by(time_out) == 0
