@@ -58,10 +58,13 @@ class AddressEndpoint:
             if code in _IN_PROGRESS:
                 return _Pending(self, sock, address, factory).deferred
             raise error.getConnectError((code, os.strerror(code)))
-        except Exception:
+        except Exception as e:
             if sock is not None:
                 sock.close()
-            return defer.fail()
+            # Without its traceback, which held this frame and every one up the stack: a
+            # caller that keeps the failure while one of those frames refers to it (a
+            # NameEndpoint trying its next address) made a reference cycle of them all.
+            return defer.fail(e.with_traceback(None))
 
 
 def _adopt(reactor, sock: socket.socket, address, factory):
@@ -257,6 +260,7 @@ class _NameDial:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
+        self.failures = []  # done with: a failure's traceback may lead back to us
         for attempt in list(self.attempts):
             attempt.cancel()
 

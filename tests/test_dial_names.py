@@ -5,6 +5,7 @@ addresses, and once on real loopback sockets."""
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import pytest
@@ -14,7 +15,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from relay import dial
 from relay.dial import ATTEMPT_DELAY, NameEndpoint
+
+from .inmemory import garbage_left_by
+from .test_dial import ScriptedSocket
 
 
 class Resolver:
@@ -202,3 +207,43 @@ def test_the_agent_dials_names_with_this_endpoint(host):
     target = service.target_endpoint(Target(host, 80))
     assert isinstance(target, NameEndpoint)
     assert (target.host, target.port, target.timeout) == (host, 80, 7.0)
+
+
+class Socket(ScriptedSocket):
+    def setsockopt(self, *args):
+        pass
+
+
+class Answers(Resolver):
+    """Answers at once and keeps nothing, as the reactor's getaddrinfo does."""
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):  # noqa: N802
+        super().resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
+        self.receivers.clear()
+        return receiver
+
+
+@pytest.mark.parametrize("v4", [0, errno.ECONNREFUSED], ids=["the-next-connects", "every-address-refuses"])
+def test_addresses_refused_at_once_are_freed_without_the_garbage_collector(monkeypatch, v4):
+    """AddressEndpoint failed at once with a Failure whose traceback held every frame up the
+    stack, _NameDial._next's among them; kept in _NameDial.failures, a reference cycle for
+    every stream to a name whose first address refuses (localhost: ::1 first, a service on
+    IPv4 only), with the stream and its connection in it."""
+    answers = {socket.AF_INET6: errno.ECONNREFUSED, socket.AF_INET: v4}
+    monkeypatch.setattr(dial.socket, "socket", lambda family, kind: Socket(family, kind, [answers[family]]))
+    reactor = MemoryReactorClock()
+    reactor.nameResolver = Answers(V6, V4)
+    name = NameEndpoint(reactor, "db.internal", 5432, 10.0)
+
+    def dial_once():
+        outcome = []
+        name.connect(Factory.forProtocol(Protocol)).addBoth(outcome.append)
+        if v4 == 0:
+            transport = outcome[0].transport
+            reactor.removeReader(transport)
+            transport.connectionLost(Failure(error.ConnectionAborted()))  # the stream ends
+        else:
+            assert outcome[0].check(error.ConnectionRefusedError)
+        ScriptedSocket.made.clear()
+
+    assert garbage_left_by(dial_once) == 0
