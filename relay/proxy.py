@@ -578,6 +578,7 @@ class _Attempt:
         if self._done:
             return
         self._finish()
+        self._handshake = None  # it refers to us (_attempt) and lives on as the forwarder
         transport = handshake.transport
         try:
             protocol = self._factory.buildProtocol(transport.getPeer())
@@ -603,12 +604,17 @@ class _Attempt:
 
     def _finish(self) -> None:
         self._done = True
-        if self._timer.active():
-            self._timer.cancel()
+        # Dropped, not only cancelled: once fired, the DelayedCall still holds our
+        # _timed_out, a reference cycle with us.
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _abort(self) -> None:
-        if self._handshake is not None:
-            self._handshake.transport.abortConnection()
+        # The handshake protocol refers to us (_attempt): once done, we let go of it.
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None:
+            handshake.transport.abortConnection()
         elif self._pending is not None:
             self._pending.cancel()
 

@@ -12,7 +12,7 @@ import pytest_twisted
 import trustme
 from twisted.internet import reactor as global_reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, NoProtocol
 from twisted.internet.interfaces import IPushProducer
@@ -857,6 +857,75 @@ def test_factory_that_builds_no_protocol() -> None:
     [result] = h.results
     assert isinstance(result, Failure) and result.check(NoProtocol)
     assert h.transport.disconnecting
+
+
+class ProxyConnections:
+    """Stands in for HostnameEndpoint (whose own connects leave garbage of Twisted's: a
+    class per call): the connection to the proxy is made at once, or, with `hang`, never."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[Protocol, StringTransport]] = []
+        self.hang = False
+
+    def __call__(self, reactor, host, port):
+        self.address = IPv4Address("TCP", host, port)
+        return self
+
+    def connect(self, factory):
+        if self.hang:
+            return Deferred()
+        protocol = factory.buildProtocol(self.address)
+        transport = StringTransport(peerAddress=self.address)
+        protocol.makeConnection(transport)
+        self.made.append((protocol, transport))
+        return succeed(protocol)
+
+    def end(self) -> None:
+        """The connection to the proxy ends (it was aborted, or the proxy closed it)."""
+        protocol, _ = self.made.pop()
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+
+@pytest.mark.parametrize(
+    ("url", "replies", "wait", "outcome"),
+    [
+        ("socks5://127.0.0.1:1080", [b"\x05\x00", SOCKS5_OK_V4], 0, Recorder),
+        ("http://127.0.0.1:1080", [b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"], 0, ProxyError),
+        ("socks5://127.0.0.1:1080", [b"\x05\x00", b"\x05\x05\x00\x01" + bytes(6)], 0, ProxyError),
+        ("socks5://127.0.0.1:1080", [b"\x05\x00", None], 0, ProxyError),
+        ("socks5://127.0.0.1:1080", [], 30, ProxyError),
+        ("http://127.0.0.1:1080", None, 30, ProxyError),
+    ],
+    ids=["established", "refused-by-the-proxy", "socks-reply-error", "proxy-hangs-up", "no-answer", "no-connection"],
+)
+def test_a_connect_through_a_proxy_is_freed_without_the_garbage_collector(monkeypatch, url, replies, wait, outcome):
+    """The attempt and its handshake protocol referred to each other, and a deadline that
+    fired kept the attempt: each connection through a proxy, made or failed, was a
+    reference cycle, with the tunnel's protocol in it."""
+    from relay import proxy
+
+    from .inmemory import garbage_left_by
+
+    connections = ProxyConnections()
+    connections.hang = replies is None
+    monkeypatch.setattr(proxy, "HostnameEndpoint", connections)
+    reactor = MemoryReactorClock()
+    endpoint = ProxyClientEndpoint(reactor, parse_proxy_url(url), RELAY, 443)
+
+    def connect():
+        seen = []
+        endpoint.connect(Factory.forProtocol(Recorder)).addBoth(lambda result: seen.append(type(result)))  # consumed, as AgentService does
+        for reply in replies or []:
+            if reply is None:
+                connections.end()  # the proxy hangs up
+            else:
+                connections.made[-1][0].dataReceived(reply)
+        reactor.advance(wait)
+        assert seen == [Failure if outcome is ProxyError else outcome]
+        if connections.made:
+            connections.end()  # aborted by the attempt, or the tunnel over it ends
+
+    assert garbage_left_by(connect) == 0
 
 
 # --- real proxies: pproxy on loopback -----------------------------------------------
