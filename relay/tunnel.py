@@ -362,7 +362,12 @@ class Tunnel(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected_tunnel = False
-        for timer in (self._heartbeat, self._close_timer, self._flush_call):
+        # Dropped, not only cancelled: a timer that fired still holds its func. The
+        # heartbeat that finds the tunnel dead aborts it and schedules no other, so
+        # _heartbeat kept our own _beat: a reference cycle, every dead tunnel.
+        timers = (self._heartbeat, self._close_timer, self._flush_call)
+        self._heartbeat = self._close_timer = self._flush_call = None
+        for timer in timers:
             if timer is not None and timer.active():
                 timer.cancel()
         streams, self.streams = self.streams, {}

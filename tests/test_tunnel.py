@@ -954,3 +954,21 @@ def test_public_ports_let_go_of_are_freed_without_the_garbage_collector(world, s
         assert world.relay.public == {}
 
     assert garbage_left_by(listen_and_release) == 0
+
+
+def test_a_dead_tunnel_is_freed_without_the_garbage_collector(state):
+    # The heartbeat that finds a tunnel dead aborts it and schedules no other: the fired
+    # DelayedCall stayed in _heartbeat, holding the tunnel's own _beat, a reference cycle
+    # on either end. (A connection that stays silent past the dead timeout, within a long
+    # handshake timeout: the same heartbeat as an agent's tunnel, without iosim's cycles.)
+    world = World(
+        state,
+        RelaySettings(tunnel_port=7835, handshake_timeout=60, tunnel=TunnelSettings(heartbeat_interval=1.0, dead_after=2)),
+    )
+    waiting = world.server_tls.buildProtocol(STRANGER)
+    waiting.makeConnection(FakeSocket(STRANGER))
+
+    def falls_silent():
+        assert stranger(world, wait=2.5).aborted  # by the heartbeat: the handshake has 60 s
+
+    assert garbage_left_by(falls_silent) == 0
