@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from . import defaults
 from .dial import AddressEndpoint, NameEndpoint
 from .protocol import ErrorCode, Role, StreamOpened
-from .tunnel import Stream, Tunnel, TunnelSettings
+from .tunnel import OpenStreams, Stream, Tunnel, TunnelSettings
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class AgentTunnel(Tunnel):
     log = Logger()
 
     def __init__(self, agent: AgentService) -> None:
-        super().__init__(agent.reactor, agent.settings.tunnel)
+        super().__init__(agent.reactor, agent.settings.tunnel, agent.open_streams)
         self.agent = agent
         self.welcomed = False
         self._retry_timers: dict[int, object] = {}
@@ -220,6 +220,7 @@ class AgentService(service.Service):
         self.relay_name = relay_name
         self.rng = rng or random.Random()
         self.tunnel: AgentTunnel | None = None
+        self.open_streams = OpenStreams()  # over every tunnel, the next one's too
         self.attempt = 0
         self._connecting = None
         self._retry = None

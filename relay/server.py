@@ -17,7 +17,7 @@ from .listening import listen_public, quiet_accept_errors
 from .logs import ThrottledLog
 from .protocol import ErrorCode, Role, StreamLimitError
 from .state import CERTIFICATE, Agent, Credential, State, StateError
-from .tunnel import Stream, Tunnel, TunnelSettings
+from .tunnel import OpenStreams, Stream, Tunnel, TunnelSettings
 
 # How often the relay looks at agents.json for revoked or rotated credentials (SIGHUP: at once).
 CREDENTIAL_POLL_INTERVAL = 2.0
@@ -105,7 +105,7 @@ class RelayTunnel(Tunnel):
     log = Logger()
 
     def __init__(self, relay: Relay) -> None:
-        super().__init__(relay.reactor, relay.settings.tunnel)
+        super().__init__(relay.reactor, relay.settings.tunnel, relay.open_streams)
         self.relay = relay
         self.agent: Agent | None = None
         self.credential: Credential | None = None  # what it authenticated with, for revocation
@@ -333,6 +333,7 @@ class Relay(service.Service):
         self.state = state
         self.settings = settings
         self.tunnels: dict[str, RelayTunnel] = {}
+        self.open_streams = OpenStreams()
         self.public: dict[int, PublicFactory] = {}
         self.unauthenticated = 0
         self.unauthenticated_by_source: dict[str, int] = {}

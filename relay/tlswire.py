@@ -42,6 +42,10 @@ RECORD_SIZE = 2**14
 # call makes the tunnel allocate in reply (PONGs for PINGs, say) is at most about as
 # much as the read itself.
 _DELIVER_SIZE = 1024 * 1024 + 64
+# A read of the tunnel's socket this large carries a bulk stream: decrypting and delivering
+# it takes a millisecond or more. It waits until the end of the reactor turn, so the other
+# sockets ready in the same turn (a small stream's reply) are read and sent first.
+BULK_TUNNEL_READ = 256 * 1024
 # OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h, part of its stable API).
 _PARTIAL_WRITE = 0x00000001
 
@@ -164,6 +168,27 @@ def _ssl_error(connection, ssl, result: int, call: str) -> Error:
 
 
 class TunnelTLSProtocol(TLSMemoryBIOProtocol):
+    _later: list | None = None  # bulk reads waiting for the end of the reactor turn
+
+    def dataReceived(self, data) -> None:
+        if self._later is not None:
+            self._later.append(data)  # behind a read still waiting: in order
+        elif len(data) >= BULK_TUNNEL_READ and self._handshakeDone and self.wrappedProtocol.bulk_waits():
+            # epoll hands out the tunnel's socket, always ready under bulk load, before a
+            # stream's socket that became ready after it: the small stream's bytes waited
+            # for the whole read to be decrypted and delivered (bench/ echo beside bulk).
+            self._later = [data]
+            self.factory._clock.callLater(0, self._read_later)
+        else:
+            super().dataReceived(data)
+
+    def _read_later(self) -> None:
+        later, self._later = self._later, None
+        for data in later or ():
+            if self._lostTLSConnection:
+                return
+            super().dataReceived(data)
+
     def write(self, data) -> None:
         if self.disconnecting and self._producer is None:
             return  # as Twisted: no writes after loseConnection unless a producer is registered
@@ -249,6 +274,8 @@ class TunnelTLSProtocol(TLSMemoryBIOProtocol):
             ProtocolWrapper.dataReceived(self, data)
 
     def connectionLost(self, reason) -> None:
+        # What was read before the socket closed is handled first, as if it had not waited.
+        self._read_later()
         super().connectionLost(reason)
         # Twisted lets go of the wrapped protocol here but not of the producer it
         # registered with us: the tunnel (through Twisted's _ProducerMembrane), whose

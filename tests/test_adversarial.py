@@ -346,6 +346,7 @@ def test_a_slow_peer_crediting_many_streams_is_not_taken_for_one_that_stopped_re
     streams = [stream(world, agent, 9000) for _ in range(8)]
     for client, _, _, _ in streams:
         client.dataReceived(payload)
+    world.clock.advance(0)  # the end of the reactor turn, where bulk reads are sent
     relay_tunnel = agent.relay_tunnel
     pending = sum(len(c) for s in relay_tunnel.session._streams.values() for c in s.pending)
     assert pending == 8 * WINDOW > bound

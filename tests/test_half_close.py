@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
-from relay.tunnel import _CLOSED_CLEANLY, Stream, close_now, close_write_now
+from relay.tunnel import _CLOSED_CLEANLY, OpenStreams, Stream, close_now, close_write_now
 
 
 @implementer(IHalfCloseableProtocol)
@@ -114,6 +114,7 @@ def test_the_close_after_a_half_close_makes_no_second_shutdown(connected):
         paused = False
         def __init__(self):
             self.lost = []
+            self.open_streams = OpenStreams()
 
         def stream_lost(self, stream, clean):
             self.lost.append(clean)

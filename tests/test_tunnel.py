@@ -15,7 +15,7 @@ from twisted.test import iosim
 from relay import defaults, tlswire
 from relay.agent import AgentTunnel, Target
 from relay.protocol import ErrorCode
-from relay.protocol.frames import HEADER, FrameDecoder, GoAway, encode_data
+from relay.protocol.frames import HEADER, Data, FrameDecoder, GoAway, encode_data
 from relay.server import RelaySettings
 from relay.state import State, init_state
 from relay.tls import PinnedClientOptions, client_options_for_ca
@@ -199,6 +199,146 @@ def test_what_a_turn_queued_leaves_before_the_next_tunnel_read_is_handled(world,
     assert target_sock.value() == b"bulk" * 1000
     agent.flush()
     assert client_sock.value() == b"reply"
+
+
+def record_data_frames(tunnel) -> list[tuple[int, int]]:
+    """(stream id, payload size) of every DATA frame `tunnel` writes from now on, in order."""
+    sent: list[tuple[int, int]] = []
+    decoder = FrameDecoder()
+    original = tunnel.transport.writeSequence
+
+    def writeSequence(chunks):
+        for frame in decoder.feed(b"".join(bytes(c) for c in chunks)):
+            if isinstance(frame, Data) and frame.payload:
+                sent.append((frame.stream_id, len(frame.payload)))
+        original(chunks)
+
+    tunnel.transport.writeSequence = writeSequence
+    return sent
+
+
+def test_a_bulk_read_is_sent_after_the_small_reads_of_the_same_turn(world, state):
+    # One reactor turn reads a bulk stream's 256 KiB, then an echo's few bytes (epoll
+    # hands out the socket that became ready first). The echo's frame leaves first: the
+    # bulk read is framed, encrypted and sent at the end of the turn.
+    agent = up(world, state)
+    bulk, _, _, bulk_target = stream(world, agent)
+    echo, _, _, echo_target = stream(world, agent)
+    sent = record_data_frames(agent.relay_tunnel)
+    data = bytes(range(256)) * 1024
+    bulk.dataReceived(data)
+    assert sent == []
+    echo.dataReceived(b"ping")
+    world.clock.advance(0)  # the end of the turn
+    assert sent[0] == (echo.stream_id, 4)
+    assert sent[1:] == [(bulk.stream_id, 64 * 1024)] * 4
+    agent.flush()
+    assert bulk_target.value() == data and echo_target.value() == b"ping"
+
+
+def test_a_bulk_read_of_the_only_open_stream_is_sent_at_once(world, state):
+    # Alone it makes no one wait, and the wait would cost it CPU per byte (bench/).
+    agent = up(world, state)
+    client, _, _, target_sock = stream(world, agent)
+    sent = record_data_frames(agent.relay_tunnel)
+    data = bytes(range(256)) * 1024
+    client.dataReceived(data)
+    assert sent == [(client.stream_id, 64 * 1024)] * 4
+    agent.flush()
+    assert target_sock.value() == data
+
+
+def test_a_closed_stream_no_longer_makes_bulk_reads_wait(world, state):
+    agent = up(world, state)
+    client, _, _, target_sock = stream(world, agent)
+    other, _, _, _ = stream(world, agent)
+    assert world.relay.open_streams.count == 2
+    other.connectionLost(Failure(error.ConnectionLost()))
+    assert world.relay.open_streams.count == 1
+    sent = record_data_frames(agent.relay_tunnel)
+    client.dataReceived(bytes(256 * 1024))
+    assert len(sent) == 4  # at once
+
+
+def test_a_stream_of_another_agent_makes_bulk_reads_wait(world, state):
+    # The relay's reactor serves every agent's tunnel: one agent's bulk stream makes way
+    # for another agent's small one.
+    first = up(world, state)
+    second = up(world, state, {9000: Target("127.0.0.1", 90)}, name="a2", ports="9000")
+    bulk, _, _, bulk_target = stream(world, first)
+    stream(world, second, 9000)
+    sent = record_data_frames(first.relay_tunnel)
+    data = bytes(range(256)) * 1024
+    bulk.dataReceived(data)
+    assert sent == []
+    world.clock.advance(0)
+    assert sent == [(bulk.stream_id, 64 * 1024)] * 4
+    first.flush()
+    assert bulk_target.value() == data
+
+
+def test_what_a_stream_reads_behind_its_waiting_bulk_read_keeps_its_place(world, state):
+    # Data read after a bulk read still waiting for the end of the turn, and the FIN,
+    # go after it.
+    agent = up(world, state)
+    bulk, bulk_sock, bulk_target_proto, bulk_target = stream(world, agent)
+    stream(world, agent)  # a second stream open: bulk reads wait
+    data = bytes(range(256)) * 1024
+    bulk.dataReceived(data)
+    bulk.dataReceived(b"tail")
+    bulk.readConnectionLost()
+    world.clock.advance(0)
+    agent.flush()
+    assert bulk_target.value() == data + b"tail"
+    assert bulk_target.write_closed
+
+
+def test_a_bulk_tunnel_read_is_handled_after_the_small_reads_of_the_same_turn(world, state):
+    # At the agent, one reactor turn reads 256 KiB or more of the tunnel (a bulk stream's
+    # frames), then an echo target's reply. The reply is read and written before the
+    # tunnel read is decrypted and delivered, not after.
+    agent = up(world, state)
+    bulk, _, _, bulk_target = stream(world, agent)
+    _, echo_sock, echo_target, _ = stream(world, agent)
+    data = bytes(range(256)) * 1024
+    bulk.dataReceived(data)  # the relay sends it: more than 256 KiB of ciphertext
+    world.clock.advance(0)
+    ciphertext = agent.pump.serverIO.getOutBuffer()
+    assert len(ciphertext) >= tlswire.BULK_TUNNEL_READ
+    order = []
+    original = agent.tls.writeSequence
+    agent.tls.writeSequence = lambda chunks: (order.append(len(bulk_target.value())), original(chunks))
+    agent.pump.clientIO.bufferReceived(ciphertext)  # one read of the tunnel
+    assert bulk_target.value() == b""  # not yet: the turn is not over
+    echo_target.dataReceived(b"reply")
+    world.clock.advance(0)
+    assert order[0] == 0  # the reply left before the bulk read reached its target
+    assert bulk_target.value() == data
+    agent.flush()
+    assert echo_sock.value() == b"reply"
+
+
+def test_a_small_tunnel_read_is_handled_at_once(world, state):
+    agent = up(world, state)
+    client, _, _, target_sock = stream(world, agent)
+    stream(world, agent)
+    client.dataReceived(b"x" * 1000)
+    world.clock.advance(0)
+    agent.pump.clientIO.bufferReceived(agent.pump.serverIO.getOutBuffer())
+    assert target_sock.value() == b"x" * 1000  # no clock advance needed
+
+
+def test_a_bulk_tunnel_read_waiting_when_the_tunnel_closes_is_delivered_first(world, state):
+    agent = up(world, state)
+    bulk, _, _, bulk_target = stream(world, agent)
+    stream(world, agent)
+    data = bytes(range(256)) * 1024
+    bulk.dataReceived(data)
+    world.clock.advance(0)
+    agent.pump.clientIO.bufferReceived(agent.pump.serverIO.getOutBuffer())
+    assert bulk_target.value() == b""
+    agent.tls.connectionLost(Failure(error.ConnectionDone()))
+    assert bulk_target.value() == data
 
 
 @pytest.mark.parametrize("end", ["relay", "agent with --ca", "agent with --pin"])
