@@ -236,16 +236,25 @@ def test_a_bulk_read_is_sent_after_the_small_reads_of_the_same_turn(world, state
     assert bulk_target.value() == data and echo_target.value() == b"ping"
 
 
+def bulk_read_waits(world, agent, client, target_sock) -> bool:
+    """Whether a 256 KiB read of the relay's `client` waited for the end of the reactor
+    turn; either way it must then reach the target whole."""
+    sent = record_data_frames(agent.relay_tunnel)
+    data = bytes(range(256)) * 1024
+    client.dataReceived(data)
+    waited = sent == []
+    world.clock.advance(0)  # the end of the turn
+    assert sent == [(client.stream_id, 64 * 1024)] * 4
+    agent.flush()
+    assert target_sock.value() == data
+    return waited
+
+
 def test_a_bulk_read_of_the_only_open_stream_is_sent_at_once(world, state):
     # Alone it makes no one wait, and the wait would cost it CPU per byte (bench/).
     agent = up(world, state)
     client, _, _, target_sock = stream(world, agent)
-    sent = record_data_frames(agent.relay_tunnel)
-    data = bytes(range(256)) * 1024
-    client.dataReceived(data)
-    assert sent == [(client.stream_id, 64 * 1024)] * 4
-    agent.flush()
-    assert target_sock.value() == data
+    assert not bulk_read_waits(world, agent, client, target_sock)
 
 
 def test_a_closed_stream_no_longer_makes_bulk_reads_wait(world, state):
@@ -255,9 +264,7 @@ def test_a_closed_stream_no_longer_makes_bulk_reads_wait(world, state):
     assert world.relay.open_streams.count == 2
     other.connectionLost(Failure(error.ConnectionLost()))
     assert world.relay.open_streams.count == 1
-    sent = record_data_frames(agent.relay_tunnel)
-    client.dataReceived(bytes(256 * 1024))
-    assert len(sent) == 4  # at once
+    assert not bulk_read_waits(world, agent, client, target_sock)
 
 
 def test_a_stream_of_another_agent_makes_bulk_reads_wait(world, state):
@@ -265,23 +272,16 @@ def test_a_stream_of_another_agent_makes_bulk_reads_wait(world, state):
     # for another agent's small one.
     first = up(world, state)
     second = up(world, state, {9000: Target("127.0.0.1", 90)}, name="a2", ports="9000")
-    bulk, _, _, bulk_target = stream(world, first)
+    client, _, _, target_sock = stream(world, first)
     stream(world, second, 9000)
-    sent = record_data_frames(first.relay_tunnel)
-    data = bytes(range(256)) * 1024
-    bulk.dataReceived(data)
-    assert sent == []
-    world.clock.advance(0)
-    assert sent == [(bulk.stream_id, 64 * 1024)] * 4
-    first.flush()
-    assert bulk_target.value() == data
+    assert bulk_read_waits(world, first, client, target_sock)
 
 
 def test_what_a_stream_reads_behind_its_waiting_bulk_read_keeps_its_place(world, state):
     # Data read after a bulk read still waiting for the end of the turn, and the FIN,
     # go after it.
     agent = up(world, state)
-    bulk, bulk_sock, bulk_target_proto, bulk_target = stream(world, agent)
+    bulk, _, _, bulk_target = stream(world, agent)
     stream(world, agent)  # a second stream open: bulk reads wait
     data = bytes(range(256)) * 1024
     bulk.dataReceived(data)
