@@ -622,6 +622,8 @@ class Tunnel(Protocol):
             self.flush()
 
     def stream_lost(self, stream: Stream, clean: bool) -> None:
+        if self._bulk:
+            self._send_bulk()  # what was read before a reset still goes, as it did at once
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
             if not clean and self.session.has_stream(stream.stream_id):

@@ -293,6 +293,19 @@ def test_what_a_stream_reads_behind_its_waiting_bulk_read_keeps_its_place(world,
     assert bulk_target.write_closed
 
 
+def test_a_bulk_read_waiting_when_its_client_resets_is_sent_before_the_reset(world, state):
+    agent = up(world, state)
+    bulk, _, _, bulk_target = stream(world, agent)
+    stream(world, agent)  # a second stream open: bulk reads wait
+    data = bytes(range(256)) * 1024
+    bulk.dataReceived(data)
+    bulk.connectionLost(Failure(error.ConnectionLost()))  # then a reset, in the same turn
+    world.clock.advance(0)
+    agent.flush()
+    assert bulk_target.value() == data
+    assert bulk_target.aborted
+
+
 def test_a_bulk_tunnel_read_is_handled_after_the_small_reads_of_the_same_turn(world, state):
     # At the agent, one reactor turn reads 256 KiB or more of the tunnel (a bulk stream's
     # frames), then an echo target's reply. The reply is read and written before the
