@@ -160,3 +160,23 @@ def test_a_killed_bench_stops_what_it_started(tmp_path):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     assert not survivors, "processes the bench started outlived it"
+
+
+@pytest.mark.e2e
+def test_tls_modes_measures_both_ways_of_driving_openssl(tmp_path):
+    """bench.tls_modes (docs/performance.md: why the tunnel's TLS goes through memory BIOs)
+    moves every byte both ways and reports CPU per GB for each."""
+    out = tmp_path / "tls.json"
+    argv = [sys.executable, "-m", "bench.tls_modes", "--gib", "0.02", "--rounds", "2", "--json", str(out)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"tls_modes exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(out.read_text())
+    assert set(report["rounds"]) == {"memory-bio", "socket"}
+    for mode, rounds in report["rounds"].items():
+        assert len(rounds) == 2, mode
+        for figures in rounds:
+            assert figures["MBps"] > 0 and figures["receiver_cpu_s_per_GB"] > 0, (mode, figures)
+            assert figures["total_cpu_s_per_GB"] == pytest.approx(
+                figures["sender_cpu_s_per_GB"] + figures["receiver_cpu_s_per_GB"]
+            )
+    assert "socket / memory-bio, total CPU per GB:" in proc.stdout
