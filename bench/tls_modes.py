@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import socket
 import statistics
 import tempfile
@@ -36,6 +37,7 @@ WRITE = 256 * 1024  # a stream read at the relay
 READ = 1024 * 1024  # a tunnel read at the agent (TUNNEL_BUFFER_SIZE)
 _WANT_READ, _WANT_WRITE = 2, 3  # SSL_get_error
 _PARTIAL_WRITE = 0x00000001
+DEADLINE = 300  # seconds a transfer may take before SIGALRM ends both processes
 
 
 def _contexts(workdir: Path) -> tuple[SSL.Context, SSL.Context]:
@@ -160,10 +162,12 @@ def one_run(mode: str, total: int, server: SSL.Context, client: SSL.Context) -> 
     listener.listen(1)
     port = listener.getsockname()[1]
     read_end, write_end = os.pipe()
+    signal.alarm(DEADLINE)  # blocking sockets: a peer that hangs must not hang us
     child = os.fork()
     if child == 0:  # the receiver
         code = 1
         try:
+            signal.alarm(DEADLINE)  # a fork does not inherit the parent's alarm
             os.close(read_end)
             os.write(write_end, json.dumps(receive(mode, server, listener, total)).encode())
             code = 0
@@ -178,6 +182,7 @@ def one_run(mode: str, total: int, server: SSL.Context, client: SSL.Context) -> 
     wall = time.monotonic() - wall
     received = json.loads(os.read(read_end, 200) or b"null")
     _, status = os.waitpid(child, 0)
+    signal.alarm(0)
     os.close(read_end)
     if received is None or status != 0:
         raise RuntimeError(f"{mode}: the receiver failed (status {status})")
