@@ -297,6 +297,21 @@ class Stream(Protocol):
         pass
 
 
+def deliver_run(run: dict) -> None:
+    """Hand each stream the payloads one tunnel read brought it, the stream with the fewest
+    bytes first. Each stream's bytes keep their order; streams are independent, so their
+    order among each other is ours to choose. A small stream's frame sits among a bulk
+    stream's in the same read: in arrival order it waited for the bulk stream's sends of
+    up to 1 MiB first (echo beside bulk, bench/). Shortest first is the order that makes
+    the streams of a read wait least in all."""
+    if len(run) == 1:
+        for stream, chunks in run.items():
+            stream.deliver(chunks)
+        return
+    for stream, chunks in sorted(run.items(), key=lambda item: sum(map(len, item[1]))):
+        stream.deliver(chunks)
+
+
 @implementer(IHandshakeListener, IPushProducer)
 class Tunnel(Protocol):
     """One TLS connection carrying many streams. Subclasses add the relay's or the agent's rules."""
@@ -458,25 +473,24 @@ class Tunnel(Protocol):
                 n=self.session.refused_opens - refused,
                 max=self.settings.max_streams,
             )
-        # Consecutive DATA for one stream (a bulk stream's frames from one TLS read) go to
-        # its socket in one send.
-        held: Stream | None = None
-        chunks: list[bytes] = []
+        # The DATA of one read, up to the next other event, is gathered per stream: each
+        # stream's frames go to its socket in one send, shortest first (deliver_run).
+        run: dict[Stream, list] = {}
         for event in events:
             kind = type(event)
             if kind is DataReceived and event.data and not event.fin:
                 stream = self.streams.get(event.stream_id)
                 if stream is None:
                     continue  # closed on our side; the session already forgot or will
-                if stream is not held:
-                    if held is not None:
-                        held.deliver(chunks)
-                    held, chunks = stream, []
-                chunks.append(event.data)
+                chunks = run.get(stream)
+                if chunks is None:
+                    run[stream] = [event.data]
+                else:
+                    chunks.append(event.data)
                 continue
-            if held is not None:
-                held.deliver(chunks)
-                held, chunks = None, []
+            if run:
+                deliver_run(run)
+                run = {}
             if kind is DataReceived:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -513,8 +527,8 @@ class Tunnel(Protocol):
                 self.go_away_received(event.code, event.reason)
             elif kind is PongReceived:
                 pass  # the session keeps the RTT; arrival already counted as liveness
-        if held is not None:
-            held.deliver(chunks)
+        if run:
+            deliver_run(run)
         self.flush()
 
     # hooks for the two ends

@@ -422,6 +422,64 @@ def test_interleaved_streams_are_delivered_in_order_each(world, state):
     assert a_target.value() == b"a0a1a2" and b_target.value() == b"b0b1b2"
 
 
+def test_a_read_delivers_its_smaller_streams_first_each_in_order(world, state):
+    # One tunnel read brings a bulk stream's frames with an echo's among them: the echo's
+    # bytes go to its socket first, not after the bulk stream's send; each stream's bytes
+    # keep their order, and a stream's frames of the read leave in one send.
+    agent = up(world, state)
+    _, _, bulk, bulk_sock = stream(world, agent)
+    _, _, echo, echo_sock = stream(world, agent)
+    _, _, other, other_sock = stream(world, agent)
+    order = []
+    for name, sock in (("bulk", bulk_sock), ("echo", echo_sock), ("other", other_sock)):
+        original = sock.writeSequence
+        sock.writeSequence = lambda chunks, name=name, original=original: (
+            order.append(name),
+            original(chunks),
+        )
+    payload = [bytes([i]) * 65536 for i in range(3)]
+    read = b"".join(
+        [
+            encode_data(bulk.stream_id, payload[0]),
+            encode_data(other.stream_id, b"o" * 100),
+            encode_data(bulk.stream_id, payload[1]),
+            encode_data(echo.stream_id, b"ping"),
+            encode_data(bulk.stream_id, payload[2]),
+            encode_data(other.stream_id, b"p" * 100),
+        ]
+    )
+    agent.tunnel.dataReceived(read)
+    assert order == ["echo", "other", "bulk"]
+    assert echo_sock.value() == b"ping"
+    assert other_sock.value() == b"o" * 100 + b"p" * 100
+    assert bulk_sock.value() == b"".join(payload)
+    assert bulk_sock.sequences == [3]  # the three frames in one send
+
+
+def test_a_fin_ends_the_run_that_is_reordered(world, state):
+    # DATA is reordered only up to the next other event: a stream's FIN, or its reset,
+    # comes after everything the read brought before it, whatever its size.
+    agent = up(world, state)
+    _, _, bulk, bulk_sock = stream(world, agent)
+    _, _, echo, echo_sock = stream(world, agent)
+    order = []
+    for name, sock in (("bulk", bulk_sock), ("echo", echo_sock)):
+        original = sock.writeSequence
+        sock.writeSequence = lambda chunks, name=name, original=original: (
+            order.append(name),
+            original(chunks),
+        )
+    read = (
+        encode_data(bulk.stream_id, b"b" * 65536)
+        + encode_data(bulk.stream_id, b"", fin=True)
+        + encode_data(echo.stream_id, b"ping")
+    )
+    agent.tunnel.dataReceived(read)
+    assert order == ["bulk", "echo"]
+    assert bulk_sock.write_closed and bulk_sock.value() == b"b" * 65536
+    assert echo_sock.value() == b"ping"
+
+
 @pytest.mark.parametrize(
     ("peer", "host"),
     [
