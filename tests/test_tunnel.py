@@ -422,6 +422,18 @@ def test_interleaved_streams_are_delivered_in_order_each(world, state):
     assert a_target.value() == b"a0a1a2" and b_target.value() == b"b0b1b2"
 
 
+def record_write_order(**socks) -> list[str]:
+    """The names of `socks` in the order they are written to from now on, once per send."""
+    order: list[str] = []
+    for name, sock in socks.items():
+        original = sock.writeSequence
+        sock.writeSequence = lambda chunks, name=name, original=original: (
+            order.append(name),
+            original(chunks),
+        )
+    return order
+
+
 def test_a_read_delivers_its_smaller_streams_first_each_in_order(world, state):
     # One tunnel read brings a bulk stream's frames with an echo's among them: the echo's
     # bytes go to its socket first, not after the bulk stream's send; each stream's bytes
@@ -430,13 +442,7 @@ def test_a_read_delivers_its_smaller_streams_first_each_in_order(world, state):
     _, _, bulk, bulk_sock = stream(world, agent)
     _, _, echo, echo_sock = stream(world, agent)
     _, _, other, other_sock = stream(world, agent)
-    order = []
-    for name, sock in (("bulk", bulk_sock), ("echo", echo_sock), ("other", other_sock)):
-        original = sock.writeSequence
-        sock.writeSequence = lambda chunks, name=name, original=original: (
-            order.append(name),
-            original(chunks),
-        )
+    order = record_write_order(bulk=bulk_sock, echo=echo_sock, other=other_sock)
     payload = [bytes([i]) * 65536 for i in range(3)]
     read = b"".join(
         [
@@ -462,13 +468,7 @@ def test_a_fin_ends_the_run_that_is_reordered(world, state):
     agent = up(world, state)
     _, _, bulk, bulk_sock = stream(world, agent)
     _, _, echo, echo_sock = stream(world, agent)
-    order = []
-    for name, sock in (("bulk", bulk_sock), ("echo", echo_sock)):
-        original = sock.writeSequence
-        sock.writeSequence = lambda chunks, name=name, original=original: (
-            order.append(name),
-            original(chunks),
-        )
+    order = record_write_order(bulk=bulk_sock, echo=echo_sock)
     read = (
         encode_data(bulk.stream_id, b"b" * 65536)
         + encode_data(bulk.stream_id, b"", fin=True)
